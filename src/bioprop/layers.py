@@ -1,0 +1,171 @@
+"""Feedback layers: ``nn.Linear`` and ``nn.Conv{1,2,3}d`` whose error signal goes through a rule's ``B``.
+
+The layers subclass the native ones, so they hold the same ``weight`` and ``bias`` parameters, pass
+``isinstance(layer, nn.Linear)`` checks and load the same checkpoints (plus the rule's ``feedback_*`` state).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import feedback_conv, feedback_linear
+from .rules import LayerRule, create_rule, make_generator
+
+__all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d"]
+
+
+class FeedbackLayer:
+    """Mixin holding the rule of a feedback layer. The rule's state lives in the layer's ``feedback_*`` entries."""
+
+    rule: LayerRule
+    weight: Tensor
+
+    def _setup_rule(self, rule: str | LayerRule, seed: int, name: str, rule_options: dict[str, Any]) -> None:
+        if isinstance(rule, str):
+            rule = create_rule(rule, **rule_options)  # type: ignore[assignment]
+        elif rule_options:
+            raise ValueError("pass rule options either inside the rule object or as keywords, not both")
+        if not isinstance(rule, LayerRule):
+            raise ValueError(f"rule {rule.name!r} is not a per-layer rule; use bioprop.convert(model, "
+                             f"{rule.name!r}) for direct feedback")
+        self.rule = rule
+        rule.init_state(self, make_generator(seed, name))  # type: ignore[arg-type]
+
+    def _feedback_for(self, x: Tensor) -> Tensor | None:
+        """The B to use in this forward pass, or None when the native op gives the same result."""
+        rule = self.rule
+        if not torch.is_grad_enabled():
+            return None
+        if not rule.learns_feedback and not x.requires_grad:
+            # Nobody will read dL/dx; the native op's dW and db are already exact.
+            return None
+        if not (x.requires_grad or self.weight.requires_grad):
+            return None
+        rule.before_forward(self)  # type: ignore[arg-type]
+        return rule.feedback_weight(self)  # type: ignore[arg-type]
+
+    @torch.no_grad()
+    def current_feedback(self) -> Tensor:
+        """The B this layer sends its error through now (``W`` itself for backprop), detached, same shape as W."""
+        b = self.rule.feedback_weight(self)  # type: ignore[arg-type]
+        return (self.weight if b is None else b).detach().clone()
+
+    def extra_repr(self) -> str:  # type: ignore[override]
+        options = ", ".join(f"{k}={v!r}" for k, v in self.rule.options().items())
+        return f"{super().extra_repr()}, rule={self.rule.name!r}" + (f", {options}" if options else "")  # type: ignore[misc]
+
+
+class FeedbackLinear(FeedbackLayer, nn.Linear):
+    r"""Linear layer :math:`y = xW^T + b` whose backward sends :math:`\delta x = \delta y \, B`.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        bias: learn an additive bias.
+        rule: rule name (see :func:`bioprop.list_rules`) or a rule object.
+        seed: seed of the rule's random state; the layer's own draw also depends on ``name``.
+        name: the layer's name inside its model (used for seeding only).
+        **rule_options: options of the rule, e.g. ``scale="biotorch"``.
+
+    Shape:
+        - Input: :math:`(*, H_{in})`.
+        - Output: :math:`(*, H_{out})`.
+
+    Attributes:
+        weight, bias: as in :class:`torch.nn.Linear`.
+        rule: the policy giving B; its state is in the layer's ``feedback_*`` buffers/parameters.
+
+    Examples::
+
+        >>> layer = FeedbackLinear(20, 30, rule="fa", seed=0)
+        >>> layer(torch.randn(128, 20)).shape
+        torch.Size([128, 30])
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, rule: str | LayerRule = "fa",
+                 seed: int = 0, name: str = "", device: Any = None, dtype: Any = None, **rule_options: Any) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._setup_rule(rule, seed, name, rule_options)
+
+    def forward(self, input: Tensor) -> Tensor:
+        feedback = self._feedback_for(input)
+        if feedback is None:
+            return F.linear(input, self.weight, self.bias)
+        return feedback_linear(input, self.weight, self.bias, feedback)
+
+
+class _FeedbackConvNd(FeedbackLayer):
+    """Shared forward of the feedback convolutions; any padding mode and string padding are supported."""
+
+    padding_mode: str
+    padding: Any
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    _reversed_padding_repeated_twice: list[int]
+
+    def _conv_forward(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        feedback = self._feedback_for(input)
+        if feedback is None:
+            return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            # Explicit (possibly asymmetric) padding; F.pad's backward is exact.
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=mode)
+            padding = (0,) * len(self.stride)
+        return feedback_conv(input, weight, bias, feedback, self.stride, padding, self.dilation, self.groups)
+
+
+def _conv_init(self: Any, base: type, args: tuple, kwargs: dict) -> None:
+    rule = kwargs.pop("rule", "fa")
+    seed = kwargs.pop("seed", 0)
+    name = kwargs.pop("name", "")
+    base_keys = {"stride", "padding", "dilation", "groups", "bias", "padding_mode", "device", "dtype"}
+    rule_options = {k: kwargs.pop(k) for k in list(kwargs) if k not in base_keys}
+    base.__init__(self, *args, **kwargs)
+    self._setup_rule(rule, seed, name, rule_options)
+
+
+class FeedbackConv1d(_FeedbackConvNd, nn.Conv1d):
+    """:class:`torch.nn.Conv1d` whose input gradient goes through the rule's B (same keyword ``rule``, ``seed``,
+    ``name`` and rule options as :class:`FeedbackLinear`). Shape: ``(B, C_in, L) -> (B, C_out, L_out)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _conv_init(self, nn.Conv1d, args, kwargs)
+
+
+class FeedbackConv2d(_FeedbackConvNd, nn.Conv2d):
+    """:class:`torch.nn.Conv2d` whose input gradient goes through the rule's B.
+
+    Shape: ``(B, C_in, H, W) -> (B, C_out, H_out, W_out)``, identical to ``nn.Conv2d`` in value and in dW, db.
+
+    Examples::
+
+        >>> conv = FeedbackConv2d(3, 16, 3, padding=1, rule="usf")
+        >>> conv(torch.randn(8, 3, 32, 32)).shape
+        torch.Size([8, 16, 32, 32])
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _conv_init(self, nn.Conv2d, args, kwargs)
+
+
+class FeedbackConv3d(_FeedbackConvNd, nn.Conv3d):
+    """:class:`torch.nn.Conv3d` whose input gradient goes through the rule's B.
+    Shape: ``(B, C_in, D, H, W) -> (B, C_out, D_out, H_out, W_out)``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _conv_init(self, nn.Conv3d, args, kwargs)
+
+
+#: native layer type -> its feedback counterpart
+FEEDBACK_TYPES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: FeedbackLinear,
+    nn.Conv1d: FeedbackConv1d,
+    nn.Conv2d: FeedbackConv2d,
+    nn.Conv3d: FeedbackConv3d,
+}
