@@ -212,7 +212,7 @@ def _convert_layer(module: nn.Module, policy: LayerRule, seed: int, name: str) -
         for key in [k for k in container if k.startswith("feedback_")]:
             del container[key]
     new.__dict__.pop("rule", None)
-    new.__dict__.pop("_feedback_drawn_version", None)
+    new.__dict__.pop("_feedback_seen_version", None)
     if isinstance(new, FeedbackLayer):
         new.rule = policy
         policy.init_state(new, make_generator(seed, name))

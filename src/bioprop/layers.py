@@ -47,6 +47,10 @@ class FeedbackLayer:
         rule.before_forward(self)  # type: ignore[arg-type]
         return rule.feedback_weight(self)  # type: ignore[arg-type]
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+        self.rule.after_load(self)  # type: ignore[arg-type]
+
     @torch.no_grad()
     def current_feedback(self) -> Tensor:
         """The B this layer sends its error through now (``W`` itself for backprop), detached, same shape as W."""

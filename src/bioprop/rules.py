@@ -71,6 +71,9 @@ class LayerRule(Rule):
     def before_forward(self, layer: nn.Module) -> None:
         """Update per-step state before a forward pass that will need ``B`` (e.g. brsf's redraw)."""
 
+    def after_load(self, layer: nn.Module) -> None:
+        """Called after ``layer.load_state_dict`` has restored the rule's state."""
+
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         """The ``B`` for this layer now, or None for the exact native op. Must not change any state."""
         raise NotImplementedError
@@ -239,7 +242,9 @@ class Sham(LayerRule):
     """``B = W`` sent through the feedback op: the oracle that tests the feedback path against autograd."""
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
-        return layer.weight
+        # Detached: B = W must not route a second gradient into W. The version counter is shared, so an
+        # in-place change of W between forward and backward is still caught by autograd.
+        return layer.weight.detach()
 
 
 @register_rule("fa")
@@ -324,18 +329,19 @@ class BatchRandomSignConcordant(_SignConcordant):
     magnitudes for every weight update.
 
     A redraw happens at the first forward pass (with gradients on) after W has changed in place, which the layer
-    sees through the parameter's version counter. Several forward/backward passes between two optimizer steps
+    sees through the parameter's version counter; the draw made at conversion serves the first forward pass. Several forward/backward passes between two optimizer steps
     (gradient accumulation) therefore share one draw, and evaluation passes never draw. Draw ``k`` of a layer is
-    a pure function of the layer seed and ``k`` (buffers ``feedback_seed``, ``feedback_draws``), so every DDP
-    rank draws the same magnitudes and a resumed run continues the same sequence.
+    a pure function of the layer seed and ``k`` (buffers ``feedback_seed``, ``feedback_draws``, and
+    ``feedback_used``, whether the current draw has served a forward pass yet), so every DDP rank draws the same
+    magnitudes and a run resumed from a checkpoint taken between updates continues the same sequence.
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         _register(layer, "feedback_seed", torch.tensor(seed, dtype=torch.int64))
         _register(layer, "feedback_draws", torch.tensor(0, dtype=torch.int64))
+        _register(layer, "feedback_used", torch.tensor(0, dtype=torch.int64))  # int: gloo has no bool
         _register(layer, "feedback_magnitude", torch.zeros_like(layer.weight.detach()))
-        layer._feedback_drawn_version = None  # plain attribute: a new process always redraws on first use
         self._redraw(layer)
         super().init_state(layer, generator)
 
@@ -346,11 +352,20 @@ class BatchRandomSignConcordant(_SignConcordant):
         with torch.no_grad():
             draw_feedback(layer.weight, self.scale, generator, out=layer.feedback_magnitude).abs_()
             layer.feedback_draws.fill_(draws + 1)
-        layer._feedback_drawn_version = layer.weight._version
 
     def before_forward(self, layer: nn.Module) -> None:
-        if getattr(layer, "_feedback_drawn_version", None) != layer.weight._version:
+        # The first forward uses the current draw (whatever in-place writes, such as DDP's initial broadcast,
+        # happened since it was made); later ones redraw once each time W has changed since the last forward.
+        version = layer.weight._version
+        if not bool(layer.feedback_used):
+            layer.feedback_used.fill_(1)
+        elif getattr(layer, "_feedback_seen_version", None) != version:
             self._redraw(layer)
+        layer._feedback_seen_version = version
+
+    def after_load(self, layer: nn.Module) -> None:
+        # A loaded draw that was already used belongs to the weights before the last update: redraw next time.
+        layer._feedback_seen_version = None
 
     def _magnitude(self, layer: nn.Module) -> Tensor | float:
         return layer.feedback_magnitude
@@ -455,6 +470,7 @@ class WeightMirror(LayerRule):
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
         _register(layer, "feedback_weight", draw_feedback(layer.weight.detach(), self.scale, generator))
+        _register(layer, "feedback_mirror_steps", torch.tensor(0, dtype=torch.int64))
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         return layer.feedback_weight

@@ -1,0 +1,155 @@
+"""convert(): any nn.Module, same Parameters, exclusion, last layer, idempotence, summary, errors."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import bioprop
+from bioprop.layers import FeedbackConv2d, FeedbackLinear
+
+
+class Custom(nn.Module):
+    """A non-Sequential model with nesting, a residual sum, attention and an LSTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.rnn = nn.LSTM(4, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h + self.block(h)  # (B, 4, H, W)
+        seq = h.flatten(2).transpose(1, 2)  # (B, H·W, 4)
+        seq, _ = self.attn(seq, seq, seq)
+        seq, _ = self.rnn(seq)
+        return self.head(seq.mean(1))
+
+
+def test_keeps_parameter_objects_and_optimizer() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    params = list(net.parameters())
+    values = [p.detach().clone() for p in params]
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)  # created before conversion
+    net = bioprop.convert(net, "fa", seed=0)
+    assert isinstance(net[0], FeedbackLinear) and isinstance(net[0], nn.Linear)
+    assert [id(p) for p in net.parameters()] == [id(p) for p in params]
+    assert all(torch.equal(p, v) for p, v in zip(net.parameters(), values))
+    net(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert all(not torch.equal(p, v) for p, v in zip(net.parameters(), values))
+
+
+def test_custom_model_summary_and_warning() -> None:
+    torch.manual_seed(0)
+    model = Custom()
+    with pytest.warns(UserWarning, match=r"attn \(MultiheadAttention\).*rnn \(LSTM\).*Supported layer types"):
+        model = bioprop.convert(model, "usf")
+    summary = bioprop.conversion_summary(model)
+    assert [n for n, _, _ in summary.converted] == ["stem", "block.0", "head"]
+    kept = {n: reason for n, _, reason in summary.kept}
+    assert kept["block.1"] == "exact by design"
+    assert kept["attn"].startswith("cannot take feedback") and kept["rnn"].startswith("cannot take feedback")
+    assert "attn.out_proj" not in kept  # the attention block is reported once, as a whole
+    assert isinstance(model.block[0], FeedbackConv2d)
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    out = model(torch.randn(2, 3, 4, 4))
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert "converted 3 layer(s)" in str(summary)
+
+
+def test_exclude_by_name_pattern_and_type() -> None:
+    model = Custom()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = bioprop.convert(model, "fa", exclude=["stem", "block.*"])
+    assert type(model.stem) is nn.Conv2d and type(model.block[0]) is nn.Conv2d
+    assert isinstance(model.head, FeedbackLinear)
+    model = Custom()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = bioprop.convert(model, "fa", exclude=[nn.Conv2d])
+    assert type(model.stem) is nn.Conv2d and isinstance(model.head, FeedbackLinear)
+    with pytest.raises(ValueError, match="exclude takes"):
+        bioprop.convert(nn.Linear(2, 2), "fa", exclude=[3])
+
+
+def test_last_layer_backprop_is_exact() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    net = bioprop.convert(net, "fa", last_layer="backprop")
+    assert isinstance(net[0], FeedbackLinear) and type(net[2]) is nn.Linear
+    # The output layer sends δ·W exactly: check against the closed form.
+    h = torch.randn(3, 8, requires_grad=True)
+    net[2](h).backward(torch.ones(3, 2))
+    torch.testing.assert_close(h.grad, torch.ones(3, 2) @ net[2].weight.detach())
+    with pytest.raises(ValueError, match="per-layer rule"):
+        bioprop.convert(net, "fa", last_layer="dfa")
+    with pytest.raises(ValueError, match="unknown rule 'nope'"):
+        bioprop.convert(net, "fa", last_layer="nope")
+
+
+def test_converting_twice_is_safe() -> None:
+    torch.manual_seed(0)
+    net = bioprop.convert(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)), "fa", seed=0)
+    b = bioprop.feedback_weights(net)
+    layer = net[0]
+    net = bioprop.convert(net, "fa", seed=123)  # same rule and options: state kept, never redrawn silently
+    assert net[0] is layer
+    assert all(torch.equal(b[k], v) for k, v in bioprop.feedback_weights(net).items())
+    weight = net[0].weight
+    net = bioprop.convert(net, "usf")
+    assert net[0].weight is weight and "feedback_weight" not in dict(net[0].named_buffers())
+    assert net[0].rule.name == "usf"
+    net = bioprop.convert(net, "backprop")  # back to native layers
+    assert type(net[0]) is nn.Linear and net[0].weight is weight
+    assert bioprop.feedback_weights(net) == {}
+
+
+def test_single_layer_and_hooks_survive() -> None:
+    layer = nn.Linear(3, 2)
+    calls: list[int] = []
+    layer.register_forward_hook(lambda m, i, o: calls.append(1))
+    new = bioprop.convert(layer, "usf")
+    assert isinstance(new, FeedbackLinear) and new.weight is layer.weight
+    new(torch.randn(1, 3))
+    assert calls == [1]
+
+
+def test_unknown_rule_and_option_errors_list_allowed() -> None:
+    with pytest.raises(ValueError, match=r"unknown rule 'fb'.*allowed rules: backprop, sham, fa, usf"):
+        bioprop.convert(nn.Linear(2, 2), "fb")
+    with pytest.raises(ValueError, match=r"rule 'usf' has no option\(s\) 'sclae'; allowed options: scale, norm"):
+        bioprop.convert(nn.Linear(2, 2), "usf", sclae=1.0)
+    with pytest.raises(ValueError, match=r"unknown scale 'big'; allowed: xiao2018, biotorch, unit"):
+        bioprop.convert(nn.Linear(2, 2), "fa", scale="big")
+    with pytest.raises(ValueError, match="concordance must be a fraction"):
+        bioprop.convert(nn.Linear(2, 2), "partial_concordance", concordance=1.5)
+    with pytest.raises(ValueError, match="not been converted"):
+        bioprop.conversion_summary(nn.Linear(2, 2))
+    assert bioprop.convert(nn.Sequential(nn.Linear(2, 2)), "sign_symmetry")[0].rule.name == "usf"
+
+
+def test_list_rules_contract() -> None:
+    rules = bioprop.list_rules()
+    for name in ("backprop", "sham", "fa", "usf", "brsf", "frsf", "partial_concordance", "kp", "wm"):
+        assert name in rules
+    assert rules[:6] == ["backprop", "sham", "fa", "usf", "brsf", "frsf"]
+
+
+def test_rule_object_and_direct_construction() -> None:
+    layer = FeedbackLinear(5, 3, rule="frsf", seed=2, scale="biotorch")
+    assert layer.rule.options() == {"scale": "biotorch", "norm": None}
+    assert "rule='frsf'" in repr(layer)
+    conv = FeedbackConv2d(3, 4, 3, stride=2, padding=1, rule="fa", seed=1)
+    y = conv(torch.randn(2, 3, 8, 8))
+    assert y.shape == (2, 4, 4, 4)
+    with pytest.raises(ValueError, match="has no option"):
+        FeedbackConv2d(3, 4, 3, rule="fa", concordance=0.5)

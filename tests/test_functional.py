@@ -1,0 +1,186 @@
+"""Feedback ops against independent references: NumPy for linear, native autograd convolutions for conv."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bioprop.functional import feedback_conv, feedback_linear
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops that run (forward and backward) while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("lead", [(7,), (3, 5), (2, 3, 4), ()])
+def test_linear_matches_numpy_closed_form(lead: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    fb = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    y = feedback_linear(x, w, b, fb)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+
+    xn, wn, bn, fbn, gyn = (t.detach().numpy() for t in (x, w, b, fb, gy))
+    np.testing.assert_allclose(y.detach().numpy(), xn @ wn.T + bn, rtol=1e-12)
+    np.testing.assert_allclose(x.grad.numpy(), gyn @ fbn, rtol=1e-12)  # δx = δy · B
+    g2, x2 = gyn.reshape(-1, 4), xn.reshape(-1, 6)
+    np.testing.assert_allclose(w.grad.numpy(), g2.T @ x2, rtol=1e-12)  # dW = δyᵀ x, exact
+    np.testing.assert_allclose(b.grad.numpy(), g2.sum(0), rtol=1e-12)
+    assert not np.allclose(x.grad.numpy(), gyn @ wn)  # the feedback path really differs from W
+
+
+CONV_CASES = [
+    # (dim, in_ch, out_ch, kernel, stride, padding, dilation, groups, bias)
+    (2, 4, 6, 3, 1, 1, 1, 1, True),
+    (2, 4, 6, 3, 2, 0, 1, 2, False),
+    (2, 6, 6, 3, 1, 2, 2, 3, True),
+    (2, 4, 8, (3, 1), (2, 1), (1, 0), 1, 4, True),
+    (1, 3, 5, 5, 2, 2, 1, 1, True),
+    (1, 4, 4, 3, 1, 1, 1, 4, False),
+    (3, 2, 4, 3, 1, 1, 1, 1, True),
+]
+
+
+def _tuple(v: int | tuple[int, ...], dim: int) -> tuple[int, ...]:
+    return (v,) * dim if isinstance(v, int) else tuple(v)
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_matches_native_convolutions(case: tuple) -> None:
+    dim, cin, cout, k, stride, padding, dilation, groups, bias = case
+    g = torch.Generator().manual_seed(1)
+    k, stride, padding, dilation = (_tuple(v, dim) for v in (k, stride, padding, dilation))
+    spatial = (9,) * dim
+    x = torch.randn(2, cin, *spatial, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(cout, cin // groups, *k, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    fb = torch.randn(w.shape, generator=g, dtype=torch.float64)
+    y = feedback_conv(x, w, b, fb, stride, padding, dilation, groups)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    y.backward(gy)
+
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dim]
+    # Reference: native convolutions with W (forward, dW, db) and with B in place of W (δx).
+    x_ref = x.detach().clone().requires_grad_()
+    w_ref = w.detach().clone().requires_grad_()
+    b_ref = b.detach().clone().requires_grad_() if bias else None
+    y_ref = conv(x_ref, w_ref, b_ref, stride, padding, dilation, groups)
+    y_ref.backward(gy)
+    x_fb = x.detach().clone().requires_grad_()
+    conv(x_fb, fb, None, stride, padding, dilation, groups).backward(gy)
+
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-12, atol=1e-12)
+    if bias:
+        torch.testing.assert_close(b.grad, b_ref.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_fb.grad, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(x.grad, x_ref.grad)
+
+
+def test_gradcheck_weight_path() -> None:
+    """dW and db are true gradients (δx is not, by design), so gradcheck them with x constant."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    fb = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda w, b: feedback_linear(x, w, b, fb), (w, b))
+
+    xc = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g)
+    wc = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    bc = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    fbc = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=g)
+    assert torch.autograd.gradcheck(lambda w, b: feedback_conv(xc, w, b, fbc, (2, 1), (1, 0), (1, 1), 2), (wc, bc))
+
+
+def test_gradcheck_with_b_equal_w_is_full_gradient() -> None:
+    """With B = W the op is plain backprop, so gradcheck passes for x as well."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: feedback_linear(x, w, None, w.detach()), (x, w))
+    xc = torch.randn(2, 2, 5, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    wc = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: feedback_conv(x, w, None, w.detach(), (1, 1), (1, 1), (1, 1)),
+                                    (xc, wc))
+
+
+def test_input_gradient_skipped_when_not_needed() -> None:
+    x = torch.randn(8, 5)
+    w = torch.randn(4, 5, requires_grad=True)
+    fb = torch.randn(4, 5)
+    counter = OpCounter()
+    y = feedback_linear(x, w, None, fb)
+    with counter:
+        y.sum().backward()
+    assert counter.ops.count("mm") == 1  # dW only
+    x.requires_grad_()
+    y = feedback_linear(x, w, None, fb)
+    with counter:
+        y.sum().backward()
+    assert counter.ops.count("mm") + counter.ops.count("matmul") >= 2
+
+
+def test_conv_uses_one_fused_backward() -> None:
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    b = torch.randn(4, requires_grad=True)
+    y = feedback_conv(x, w, b, torch.randn(4, 3, 3, 3), (1, 1), (1, 1), (1, 1))
+    counter = OpCounter()
+    with counter:
+        y.sum().backward()
+    conv_ops = [op for op in counter.ops if "conv" in op]
+    assert conv_ops == ["convolution_backward"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_dtypes(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 5, generator=g).to(dtype).requires_grad_()
+    w = torch.randn(3, 5, generator=g).to(dtype).requires_grad_()
+    fb = torch.randn(3, 5, generator=g).to(dtype)
+    feedback_linear(x, w, None, fb).sum().backward()
+    ref = torch.ones(6, 3, dtype=torch.float64) @ fb.double()
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert x.grad.dtype == dtype and w.grad.dtype == dtype
+    torch.testing.assert_close(x.grad.double(), ref, rtol=tol, atol=tol)
+
+    xc = torch.randn(2, 2, 6, 6, generator=g).to(dtype).requires_grad_()
+    wc = torch.randn(3, 2, 3, 3, generator=g).to(dtype).requires_grad_()
+    fbc = torch.randn(3, 2, 3, 3, generator=g).to(dtype)
+    feedback_conv(xc, wc, None, fbc, (1, 1), (1, 1), (1, 1)).sum().backward()
+    xr = xc.detach().double().requires_grad_()
+    F.conv2d(xr, fbc.double(), None, 1, 1).sum().backward()
+    torch.testing.assert_close(xc.grad.double(), xr.grad, rtol=tol, atol=tol * 10)
+
+
+def test_autocast_bf16_on_cpu() -> None:
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    w = torch.randn(3, 5, generator=g, requires_grad=True)
+    fb = torch.randn(3, 5, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = feedback_linear(x, w, None, fb)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, torch.ones(6, 3) @ fb, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w.grad, torch.ones(3, 6) @ x.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_shape_mismatch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="feedback_weight must have the weight's shape"):
+        feedback_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(3, 4))

@@ -1,0 +1,289 @@
+"""Every per-layer rule, parametrised over the registry: δx = δy·B in closed form, state, scales, redraws."""
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bioprop
+from bioprop.rules import LayerRule, create_rule, feedback_scale
+
+LAYER_RULES = [r for r in bioprop.list_rules() if isinstance(create_rule(r), LayerRule)]
+FEEDBACK_RULES = [r for r in LAYER_RULES if r not in ("backprop", "sham")]
+
+
+def mlp(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 5)).to(dtype)
+
+
+def convnet(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 2 * 2, 4)).to(dtype)
+
+
+def grads(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_()
+    out = model(x)
+    gy = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    params = [p for n, p in model.named_parameters() if not n.endswith("feedback_weight")]
+    gs = torch.autograd.grad(out, [x, *params], gy)
+    return gs[0], list(gs[1:])
+
+
+@pytest.mark.parametrize("make", [mlp, convnet])
+def test_sham_equals_autograd(make) -> None:  # type: ignore[no-untyped-def]
+    x = torch.randn(6, 12, dtype=torch.float64) if make is mlp else torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    ref_model, model = make(), bioprop.convert(make(), "sham")
+    gx_ref, gp_ref = grads(ref_model, x)
+    gx, gp = grads(model, x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-13)
+    for a, b in zip(gp, gp_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("rule", FEEDBACK_RULES)
+def test_rule_differs_from_backprop(rule: str) -> None:
+    x = torch.randn(6, 12, dtype=torch.float64)
+    gx_ref, _ = grads(mlp(), x)
+    gx, _ = grads(bioprop.convert(mlp(), rule, seed=1), x)
+    assert not torch.allclose(gx, gx_ref, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", LAYER_RULES)
+def test_linear_layer_sends_error_through_b(rule: str) -> None:
+    """For every rule, one layer: δx = δy·B (B as reported by feedback_weights), dW and db exact (NumPy)."""
+    torch.manual_seed(0)
+    net = bioprop.convert(nn.Sequential(nn.Linear(7, 5)).double(), rule, seed=3)
+    b_now = bioprop.feedback_weights(net).get("0", net[0].weight.detach())
+    x = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)  # (B, T, C) input
+    y = net(x)
+    gy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(gy)
+    b_used = bioprop.feedback_weights(net).get("0", net[0].weight.detach())
+    torch.testing.assert_close(b_now, b_used)  # no redraw between forward and backward
+    xn, gyn = x.detach().numpy().reshape(-1, 7), gy.numpy().reshape(-1, 5)
+    np.testing.assert_allclose(x.grad.numpy().reshape(-1, 7), gyn @ b_used.numpy(), rtol=1e-10)
+    np.testing.assert_allclose(net[0].weight.grad.numpy(), gyn.T @ xn, rtol=1e-10)
+    np.testing.assert_allclose(net[0].bias.grad.numpy(), gyn.sum(0), rtol=1e-10)
+
+
+@pytest.mark.parametrize("rule", LAYER_RULES)
+@pytest.mark.parametrize("conv_args", [dict(stride=1, padding=1, groups=1), dict(stride=2, padding=2, groups=3),
+                                       dict(stride=1, padding="same", groups=1, padding_mode="reflect")])
+def test_conv_layer_sends_error_through_b(rule: str, conv_args: dict) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 9, 3, **conv_args).double()
+    net = bioprop.convert(nn.Sequential(conv), rule, seed=3)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    y = net(x)
+    gy = torch.randn(y.shape, dtype=torch.float64)
+    y.backward(gy)
+    b_used = bioprop.feedback_weights(net).get("0", net[0].weight.detach())
+    # Reference: native conv (with B as the weight) for δx, native conv with W for dW and db.
+    ref = nn.Conv2d(6, 9, 3, **conv_args).double()
+    ref.weight.data.copy_(b_used)
+    ref.bias.data.copy_(net[0].bias.detach())
+    x_ref = x.detach().clone().requires_grad_()
+    ref(x_ref).backward(gy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    ref.weight.data.copy_(net[0].weight.detach())
+    ref.zero_grad()
+    ref(x.detach()).backward(gy)
+    torch.testing.assert_close(net[0].weight.grad, ref.weight.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(net[0].bias.grad, ref.bias.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_closed_forms_of_b() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 30)
+    conv = nn.Conv2d(8, 16, (3, 5))
+    w, wc = lin.weight.detach(), conv.weight.detach()
+    # xiao2018: 1/sqrt(fan_in) for linear, sqrt(2/(kh·kw·C_out)) for conv; biotorch: Xavier std.
+    assert feedback_scale(w, "xiao2018") == pytest.approx(1 / math.sqrt(40))
+    assert feedback_scale(wc, "xiao2018") == pytest.approx(math.sqrt(2 / (3 * 5 * 16)))
+    assert feedback_scale(w, "biotorch") == pytest.approx(math.sqrt(2 / 70))
+    assert feedback_scale(wc, "biotorch") == pytest.approx(math.sqrt(2 / (8 * 15 + 16 * 15)))
+    for scale, s in [("xiao2018", 1 / math.sqrt(40)), ("biotorch", math.sqrt(2 / 70)), ("unit", 1.0), (0.3, 0.3)]:
+        net = bioprop.convert(nn.Sequential(copy.deepcopy(lin)), "usf", scale=scale)
+        np.testing.assert_allclose(bioprop.feedback_weights(net)["0"].numpy(), s * np.sign(w.numpy()), rtol=1e-6)
+    # frsf: |M| fixed, signs follow W; partial concordance: the fraction of concordant signs is p.
+    net = bioprop.convert(nn.Sequential(nn.Linear(200, 300)), "frsf")
+    b = bioprop.feedback_weights(net)["0"]
+    assert torch.equal(torch.sign(b), torch.sign(net[0].weight.detach()))
+    with torch.no_grad():
+        net[0].weight.neg_()
+    b2 = bioprop.feedback_weights(net)["0"]
+    torch.testing.assert_close(b2, -b)
+    for p in (0.0, 0.25, 0.9, 1.0):
+        net = bioprop.convert(nn.Sequential(nn.Linear(200, 300)), "partial_concordance", concordance=p)
+        agree = (torch.sign(bioprop.feedback_weights(net)["0"]) == torch.sign(net[0].weight)).double().mean()
+        assert abs(float(agree) - p) < 0.01
+
+
+@pytest.mark.parametrize("scale, dist", [("xiao2018", "uniform"), ("biotorch", "uniform")])
+def test_fa_draw_statistics(scale: str, dist: str) -> None:
+    net = bioprop.convert(nn.Sequential(nn.Linear(400, 300)), "fa", scale=scale, seed=5)
+    b = net[0].feedback_weight
+    s = feedback_scale(b, scale)
+    bound = s if scale == "xiao2018" else s * math.sqrt(3)
+    assert float(b.abs().max()) <= bound and float(b.abs().max()) > 0.99 * bound
+    assert float(b.std()) == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    conv = bioprop.convert(nn.Sequential(nn.Conv2d(64, 64, 3)), "fa", seed=5)[0].feedback_weight
+    assert float(conv.std()) == pytest.approx(math.sqrt(2 / (9 * 64)), rel=0.03)  # xiao2018 conv: N(0, s²)
+
+
+def test_norm_modes() -> None:
+    torch.manual_seed(0)
+    for rule in ("usf", "frsf", "brsf", "partial_concordance"):
+        net = bioprop.convert(nn.Sequential(nn.Linear(30, 20)), rule, norm="init")
+        w0 = net[0].weight.detach().norm()
+        assert float(bioprop.feedback_weights(net)["0"].norm()) == pytest.approx(float(w0), rel=1e-5)
+        net = bioprop.convert(nn.Sequential(nn.Linear(30, 20)), rule, norm="sn")
+        with torch.no_grad():
+            net[0].weight.mul_(3.0)
+        assert float(bioprop.feedback_weights(net)["0"].norm()) == pytest.approx(float(net[0].weight.detach().norm()),
+                                                                                rel=1e-5)
+
+
+def test_brsf_redraws_exactly_once_per_update() -> None:
+    torch.manual_seed(0)
+    net = bioprop.convert(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), "brsf", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    layer = net[2]  # its input requires grad, so it needs B
+    x = torch.randn(4, 5)
+
+    def draws() -> int:
+        return int(layer.feedback_draws)
+
+    start = draws()
+    net(x).sum().backward()
+    first = layer.feedback_magnitude.clone()
+    assert draws() == start  # no update yet: the draw made at conversion is used
+    for _ in range(3):  # gradient accumulation: three micro-batches share one draw
+        net(x).sum().backward()
+    with torch.no_grad():
+        net(x)  # evaluation never draws
+    assert draws() == start and torch.equal(layer.feedback_magnitude, first)
+    for step in range(1, 4):
+        opt.step()
+        opt.zero_grad()
+        net(x).sum().backward()
+        net(x).sum().backward()
+        assert draws() == start + step
+        assert not torch.equal(layer.feedback_magnitude, first)
+        first = layer.feedback_magnitude.clone()
+
+
+def test_brsf_sequence_is_reproducible_and_resumable() -> None:
+    def run(steps: int, state: dict | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        net = bioprop.convert(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), "brsf", seed=7)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        if state is not None:
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+        for i in range(steps):
+            x = torch.randn(4, 5, generator=torch.Generator().manual_seed(100 + i + (state or {}).get("i", 0)))
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+        return net, opt
+
+    full, _ = run(6)
+    half, opt = run(3)
+    state = {"model": copy.deepcopy(half.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "i": 3}
+    resumed, _ = run(3, state)
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule", FEEDBACK_RULES)
+def test_state_round_trip(rule: str) -> None:
+    net = bioprop.convert(convnet(dtype=torch.float32), rule, seed=11)
+    before = bioprop.feedback_weights(net)
+    other = bioprop.convert(convnet(seed=1, dtype=torch.float32), rule, seed=99)
+    assert any(not torch.equal(before[k], v) for k, v in bioprop.feedback_weights(other).items()) or \
+        rule in ("usf",)
+    other.load_state_dict(net.state_dict())
+    for name, b in bioprop.feedback_weights(other).items():
+        torch.testing.assert_close(b, before[name], rtol=0, atol=0)
+    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        for name, b in bioprop.feedback_weights(clone).items():
+            torch.testing.assert_close(b, before[name], rtol=0, atol=0)
+
+
+def test_seed_fixes_state_and_names_decouple_layers() -> None:
+    a = bioprop.feedback_weights(bioprop.convert(mlp(), "fa", seed=1))
+    b = bioprop.feedback_weights(bioprop.convert(mlp(), "fa", seed=1))
+    c = bioprop.feedback_weights(bioprop.convert(mlp(), "fa", seed=2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(not torch.equal(a[k], c[k]) for k in a)
+    # Excluding a layer does not change the draws of the others.
+    d = bioprop.feedback_weights(bioprop.convert(mlp(), "fa", seed=1, exclude=["0"]))
+    assert set(d) == {"2", "4"} and all(torch.equal(a[k], d[k]) for k in d)
+
+
+def test_kolen_pollack_update_and_decay() -> None:
+    torch.manual_seed(0)
+    net = bioprop.convert(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), "kp", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+    gap0 = [(m.weight - m.feedback_weight).detach().clone() for m in (net[0], net[2])]
+    for t in range(1, 6):
+        opt.zero_grad()
+        net(torch.randn(5, 6)).pow(2).sum().backward()
+        torch.testing.assert_close(net[2].feedback_weight.grad, net[2].weight.grad)
+        opt.step()
+    # Same gradient and same decay: W − B evolves by pure decay (momentum acts on the decay term too).
+    ref = nn.Linear(6, 8, bias=False)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9, weight_decay=0.1)
+    ref.weight.data.copy_(gap0[0])
+    for _ in range(5):
+        ref_opt.zero_grad()
+        ref.weight.grad = torch.zeros_like(ref.weight)
+        ref_opt.step()
+    torch.testing.assert_close((net[0].weight - net[0].feedback_weight).detach(), ref.weight.detach(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_weight_mirror_turns_b_towards_w() -> None:
+    from bioprop.mirror import mirror_step
+    torch.manual_seed(0)
+    net = bioprop.convert(nn.Sequential(nn.Linear(20, 10), nn.ReLU(), nn.Linear(10, 4)), "wm", lr=0.1, decay=0.1,
+                          seed=0)
+    angle0 = bioprop.metrics.alignment(net)
+    b_before = net[0].feedback_weight.clone()
+    mirror_step(net, batch_size=8, step=0, seed=3)
+    # Closed form of one step with the same noise.
+    gen = torch.Generator().manual_seed(bioprop.rules.layer_seed(3, "0"))
+    x = torch.randn(8, 20, generator=gen)
+    y = x @ net[0].weight.detach().t()
+    torch.testing.assert_close(net[0].feedback_weight, 0.9 * b_before + 0.1 * y.t() @ x / 8)
+    for step in range(1, 200):
+        mirror_step(net, batch_size=64)
+    angle = bioprop.metrics.alignment(net)
+    assert all(angle[k] < 10 < angle0[k] for k in angle)
+    convnet_wm = bioprop.convert(convnet(dtype=torch.float32), "wm", lr=0.1, decay=0.1)
+    a0 = bioprop.metrics.alignment(convnet_wm)
+    for _ in range(200):
+        mirror_step(convnet_wm, batch_size=64)
+    a1 = bioprop.metrics.alignment(convnet_wm)
+    assert all(a1[k] < 15 < a0[k] for k in a1)
+
+
+@pytest.mark.parametrize("rule", FEEDBACK_RULES + ["sham"])
+def test_bf16_layers(rule: str) -> None:
+    net = bioprop.convert(convnet(dtype=torch.float32), rule).to(torch.bfloat16)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.bfloat16)
+    net(x).float().sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
