@@ -287,3 +287,25 @@ def test_bf16_layers(rule: str) -> None:
     net(x).float().sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all(), name
+
+
+def test_brsf_magnitude_distribution() -> None:
+    """brsf's 8-bit draws follow |M|'s distribution: U(0, b) for linear, half-normal for xiao2018 conv."""
+    from bioprop.rules import draw_magnitude_8bit
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(500, 400)
+    out = draw_magnitude_8bit(w, "xiao2018", g, torch.empty_like(w))
+    bound = 1 / math.sqrt(400)
+    levels = torch.round(out / bound * 256 - 0.5).long()
+    torch.testing.assert_close((levels.double() + 0.5) / 256 * bound, out.double(), rtol=1e-5, atol=1e-9)
+    counts = torch.bincount(levels.flatten(), minlength=256).double()
+    expected = w.numel() / 256
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 256 + 6 * math.sqrt(2 * 256)  # uniform over the 256 levels
+    wc = torch.randn(128, 64, 3, 3)
+    s = feedback_scale(wc, "xiao2018")
+    oc = draw_magnitude_8bit(wc, "xiao2018", g, torch.empty_like(wc))
+    assert float(oc.mean()) / s == pytest.approx(math.sqrt(2 / math.pi), rel=0.01)
+    assert float((oc ** 2).mean()) / s ** 2 == pytest.approx(1.0, rel=0.02)
+    second = draw_magnitude_8bit(wc, "xiao2018", g, torch.empty_like(wc))
+    assert float(torch.corrcoef(torch.stack([oc.flatten(), second.flatten()]))[0, 1]) < 0.02

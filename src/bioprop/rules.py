@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Rule", "LayerRule", "DirectRule", "register_rule", "list_rules", "create_rule", "rule_options",
-    "resolve_rule_name", "feedback_scale", "draw_feedback", "layer_seed", "SCALE_CONVENTIONS",
+    "resolve_rule_name", "feedback_scale", "draw_feedback", "draw_magnitude_8bit", "layer_seed", "SCALE_CONVENTIONS",
 ]
 
 SCALE_CONVENTIONS = ("xiao2018", "biotorch", "unit")
@@ -211,6 +211,26 @@ def draw_feedback(weight: Tensor, scale: str | float, generator: torch.Generator
     return out.uniform_(-bound, bound, generator=generator)
 
 
+def draw_magnitude_8bit(weight: Tensor, scale: str | float, generator: torch.Generator, out: Tensor) -> Tensor:
+    """``|M|`` for a fresh M drawn as :func:`draw_feedback` would, quantised to 256 equiprobable levels.
+
+    Level k in 0..255 stands for the quantile (k + 0.5)/256 of |M|'s distribution. One 64-bit random word
+    gives seven levels, so a redraw costs about a quarter of a float draw on a CPU; that keeps brsf, which
+    redraws every update, close to usf in step time.
+    """
+    n = out.numel()
+    words = torch.empty((n + 6) // 7, dtype=torch.int64, device=out.device).random_(generator=generator)
+    # random_ on int64 fills [0, 2^63): the top byte has one biased bit, so only the low seven bytes are used.
+    levels = words.view(torch.uint8).view(-1, 8)[:, :7].reshape(-1)[:n].view(out.shape)  # (*weight.shape)
+    s = feedback_scale(weight, scale)
+    if scale == "xiao2018" and weight.dim() > 2:  # half-normal quantiles of N(0, s²), looked up
+        u = (torch.arange(256, dtype=torch.float64) + 0.5) / 256
+        table = (s * math.sqrt(2.0) * torch.erfinv(u)).to(device=out.device, dtype=out.dtype)
+        return out.copy_(table[levels.long()])
+    bound = s * math.sqrt(3.0) if scale == "biotorch" else s  # |U(-b, b)| = U(0, b)
+    return torch.add(levels, 0.5, out=out).mul_(bound / 256)
+
+
 def layer_seed(seed: int, layer_name: str) -> int:
     """A per-layer seed that depends only on the user's seed and the layer's name, not on the device."""
     return (int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**62)
@@ -328,7 +348,8 @@ class BatchRandomSignConcordant(_SignConcordant):
     """Batchwise random-magnitude sign-concordant feedback (liao2016): ``B = |M_t| ∘ sign(W)``, with new
     magnitudes for every weight update.
 
-    A redraw happens at the first forward pass (with gradients on) after W has changed in place, which the layer
+    Each draw is quantised to 256 equiprobable levels of ``|M|``'s distribution (:func:`draw_magnitude_8bit`),
+    which makes a redraw about four times cheaper on a CPU. A redraw happens at the first forward pass (with gradients on) after W has changed in place, which the layer
     sees through the parameter's version counter; the draw made at conversion serves the first forward pass. Several forward/backward passes between two optimizer steps
     (gradient accumulation) therefore share one draw, and evaluation passes never draw. Draw ``k`` of a layer is
     a pure function of the layer seed and ``k`` (buffers ``feedback_seed``, ``feedback_draws``, and
@@ -350,7 +371,7 @@ class BatchRandomSignConcordant(_SignConcordant):
         generator = torch.Generator(device=layer.weight.device)
         generator.manual_seed((int(layer.feedback_seed) + 7919 * draws) % (2**62))
         with torch.no_grad():
-            draw_feedback(layer.weight, self.scale, generator, out=layer.feedback_magnitude).abs_()
+            draw_magnitude_8bit(layer.weight, self.scale, generator, out=layer.feedback_magnitude)
             layer.feedback_draws.fill_(draws + 1)
 
     def before_forward(self, layer: nn.Module) -> None:
