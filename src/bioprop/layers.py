@@ -17,6 +17,13 @@ from .rules import LayerRule, create_rule, make_generator
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d"]
 
 
+@torch.compiler.disable
+def _run_eagerly(hook: Any, layer: nn.Module) -> None:
+    """Run a rule's per-step state update outside any ``torch.compile`` graph (it reads version counters and
+    draws random state, which compiled graphs cannot express)."""
+    hook(layer)
+
+
 class FeedbackLayer:
     """Mixin holding the rule of a feedback layer. The rule's state lives in the layer's ``feedback_*`` entries."""
 
@@ -44,7 +51,8 @@ class FeedbackLayer:
             return None
         if not (x.requires_grad or self.weight.requires_grad):
             return None
-        rule.before_forward(self)  # type: ignore[arg-type]
+        if type(rule).before_forward is not LayerRule.before_forward:
+            _run_eagerly(rule.before_forward, self)
         return rule.feedback_weight(self)  # type: ignore[arg-type]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
