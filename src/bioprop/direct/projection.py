@@ -1,0 +1,122 @@
+r"""The output projections: autograd Functions that hand the output error straight to the hidden blocks.
+
+Both Functions are the identity on the model output :math:`\hat y` and also take the marked block outputs
+:math:`h_1 \dots h_L` (still attached to their blocks' graphs) as inputs. Their backward receives
+:math:`e = \partial L/\partial \hat y` from whatever loss the user computed, passes it on unchanged to the output
+layer, and returns a signal for every :math:`h_l`; autograd then runs each block's own backward. The blocks are
+cut from each other by the markers, so no gradient runs through the chain of blocks.
+
+DFA (:class:`DirectProjection`): :math:`\delta h_l = e\,D_l` for every block, computed as one matmul
+:math:`e\,[D_1 \dots D_L]` and sliced.
+
+IFA (:class:`IndirectProjection`): :math:`\delta h_1 = e\,D_1`; for :math:`l \ge 2`,
+:math:`\delta h_l = F_l(\delta a_{l-1})`, where :math:`\delta a_{l-1}` is the error at the output of block
+:math:`l-1`'s first layer (what autograd gives inside block :math:`l-1` for :math:`\delta h_{l-1}`) and
+:math:`F_l` is block :math:`l`'s first layer without its bias (the signal travels forward through the forward
+weights). For a tanh MLP this is nokland2016's :math:`\delta a_l = (W_l\,\delta a_{l-1}) \odot f'(a_l)`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from .marker import DirectFeedback
+
+__all__ = ["DirectProjection", "IndirectProjection", "Plan"]
+
+
+@dataclass
+class Plan:
+    """What one forward pass recorded, for the backward.
+
+    Attributes:
+        markers: the markers in the order they ran, one per hidden input.
+        sizes: units per position of each marked tensor (its size after the batch dims).
+        pre_activations: ifa only: ``pre_activations[l]`` is the output of block ``l``'s first layer (attached).
+        relays: ifa only: ``relays[l]`` (``l >= 1``) is block ``l``'s first layer without bias; it maps the error
+            at ``pre_activations[l - 1]`` to the signal for block ``l``.
+    """
+
+    markers: list[DirectFeedback]
+    sizes: list[int]
+    pre_activations: list[Tensor] | None = None
+    relays: list[Callable[[Tensor], Tensor] | None] | None = None
+
+
+def _errors(grad_output: Tensor, feedback: Tensor) -> Tensor:
+    return grad_output.reshape(-1, feedback.shape[0])  # (N, n_out), N = product of the batch dims
+
+
+class DirectProjection(torch.autograd.Function):
+    """Identity on the output; backward sends ``e · D_l`` to every marked tensor ``h_l`` (one matmul)."""
+
+    @staticmethod
+    def forward(output: Tensor, feedback: Tensor, plan: Plan, *hidden: Tensor) -> Tensor:
+        return output
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        _, feedback, plan, *hidden = inputs
+        ctx.save_for_backward(feedback)
+        ctx.plan = plan
+        ctx.shapes = [h.shape for h in hidden]
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (feedback,) = ctx.saved_tensors  # (n_out, Σ n_units)
+        errors = _errors(grad_output, feedback)
+        projected = errors.mm(feedback.to(errors.dtype))  # (N, Σ n_units): every block's signal at once
+        grads: list[Tensor | None] = []
+        offset = 0
+        for index, (marker, shape, size) in enumerate(zip(ctx.plan.markers, ctx.shapes, ctx.plan.sizes)):
+            if ctx.needs_input_grad[3 + index]:
+                # a column slice viewed as h's shape: the rows stay contiguous, so no copy is made
+                signal = projected[:, offset:offset + size].view(shape)
+                marker.store_signal(signal)
+                grads.append(signal)
+            else:
+                grads.append(None)
+            offset += size
+        return (grad_output, None, None, *grads)
+
+
+class IndirectProjection(torch.autograd.Function):
+    """Identity on the output; backward sends ``e · D_1`` to the first block and relays the error forward."""
+
+    @staticmethod
+    def forward(output: Tensor, feedback: Tensor, plan: Plan, *hidden: Tensor) -> Tensor:
+        return output
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        _, feedback, plan, *hidden = inputs
+        ctx.save_for_backward(feedback)
+        ctx.plan = plan
+        # The attached block outputs are needed to run each block's backward as far as its first layer. They are
+        # inputs of this node, so keeping them here creates no reference cycle.
+        ctx.hidden = hidden
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        (feedback,) = ctx.saved_tensors  # (n_out, n_units of block 1)
+        plan: Plan = ctx.plan
+        hidden: tuple[Tensor, ...] = ctx.hidden
+        assert plan.pre_activations is not None and plan.relays is not None
+        errors = _errors(grad_output, feedback)
+        signal = errors.mm(feedback.to(errors.dtype)).view(hidden[0].shape)
+        grads = [signal]
+        plan.markers[0].store_signal(signal)
+        for index in range(1, len(hidden)):
+            # δa of the block below, through that block's own ops (a local backward that stops at its first
+            # layer's output, touching no parameter); autograd repeats these cheap elementwise steps afterwards
+            # when it runs the whole block, with the same signal.
+            (delta,) = torch.autograd.grad(hidden[index - 1], plan.pre_activations[index - 1], grads[-1],
+                                           retain_graph=True, create_graph=torch.is_grad_enabled())
+            signal = plan.relays[index](delta).view(hidden[index].shape)  # type: ignore[misc]
+            plan.markers[index].store_signal(signal)
+            grads.append(signal)
+        return (grad_output, None, None, *grads)
+

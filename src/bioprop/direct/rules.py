@@ -1,0 +1,174 @@
+"""The ``dfa`` and ``ifa`` rules: conversion of a model to direct or indirect feedback alignment."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from ..convert import ConversionSummary
+from ..layers import FeedbackLayer
+from ..rules import DirectRule, register_rule
+from .controller import CONTROLLER_ATTR, STASH_ATTR, Controller, config_key
+from .marker import DirectFeedback, check_direct_scale
+from .placement import FORWARD_TYPES, Placement, auto_placements, explicit_markers, is_excluded
+
+__all__ = ["DirectFeedbackAlignment", "IndirectFeedbackAlignment", "remove_direct_feedback"]
+
+#: activations whose derivative at 0 is 0: a zero start leaves such a net with no signal at all
+_DEAD_AT_ZERO = (nn.ReLU, nn.ReLU6)
+
+
+@dataclass
+class _DirectBase(DirectRule):
+    scale: str | float = "nokland2016"
+    zero_init: bool = False
+    batch_dims: int = 1
+
+    indirect: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_direct_scale(self.scale)
+        if not isinstance(self.zero_init, bool):
+            raise ValueError(f"zero_init must be True or False, got {self.zero_init!r}")
+        if isinstance(self.batch_dims, bool) or not isinstance(self.batch_dims, int) or self.batch_dims < 1:
+            raise ValueError(f"batch_dims must be an int >= 1 (the number of leading batch/sequence dimensions of "
+                             f"the output), got {self.batch_dims!r}")
+
+    def apply(self, model: nn.Module, *, seed: int, exclude: tuple, last_layer: str | None) -> nn.Module:
+        """Place (or find) the markers, install the projection and return ``model`` (see :mod:`bioprop.direct`).
+
+        Raises:
+            ValueError: ``last_layer`` other than None/``"backprop"``; no marker can be placed; ifa without
+                each block's first layer.
+        """
+        if last_layer not in (None, "backprop"):
+            raise ValueError(f"{self.name} always trains the output layer with its exact gradient; last_layer may "
+                             f"only be None or 'backprop', got {last_layer!r}")
+        stash: Controller | None = model.__dict__.pop(STASH_ATTR, None)
+        if any(isinstance(m, FeedbackLayer) for m in model.modules()):
+            # inside a block autograd is exact: give the layers back their native op
+            from ..convert import convert
+            model = convert(model, "backprop")
+        summary = ConversionSummary(self.name, self.options(), seed)
+        explicit = explicit_markers(model)
+        if explicit:
+            placements, output_name = self._explicit(model, explicit, exclude, summary), None
+        else:
+            placements, output_name = auto_placements(model, exclude)
+        same = stash is not None and stash.config == config_key(self, seed, exclude)
+        previous = {name: marker for name, marker in stash.markers} if same else {}  # type: ignore[union-attr]
+        markers: list[tuple[str, DirectFeedback]] = []
+        auto: list[tuple[nn.Module, DirectFeedback]] = []
+        for placement in placements:
+            if placement.leaf is None:  # written into the model
+                marker = model.get_submodule(placement.name)
+                if stash is not None and not same:
+                    marker.feedback_matrix = None  # converted before with other options: draw again
+            else:
+                marker = previous.get(placement.name)
+                if marker is None:
+                    marker = DirectFeedback(entry=placement.entry_name)
+                auto.append((placement.leaf, marker))  # type: ignore[arg-type]
+            if self.indirect and placement.entry is None:
+                raise ValueError(f"ifa sends the error forward through the first layer of each block, but the block "
+                                 f"marked by {placement.name!r} does not start with an nn.Linear/nn.Conv layer"
+                                 + ("" if placement.leaf is not None else
+                                    "; name it with DirectFeedback(entry='<layer name>')"))
+            marker.__dict__["_entry_module"] = placement.entry
+            markers.append((placement.name, marker))
+            summary.converted.append((placement.name, "DirectFeedback (block: " + ", ".join(placement.block) + ")",
+                                      self.name))
+        controller = Controller(self, seed, exclude, markers, auto)
+        controller.attach(model)
+        if self.zero_init and not same:
+            _zero_init(model)
+        if output_name is not None:
+            summary.kept.append((output_name, type(model.get_submodule(output_name)).__name__,
+                                 "output layer: exact gradient"))
+        object.__setattr__(model, "_bioprop_summary", summary)
+        return model
+
+    def _explicit(self, model: nn.Module, explicit: list[tuple[str, DirectFeedback]], exclude: tuple,
+                  summary: ConversionSummary) -> list[Placement]:
+        placements = []
+        for name, marker in explicit:
+            if is_excluded(name, marker, exclude):
+                summary.kept.append((name, "DirectFeedback", "excluded: passes gradients through"))
+                continue
+            entry = None
+            if marker.entry is not None:
+                try:
+                    entry = model.get_submodule(marker.entry)
+                except AttributeError:
+                    raise ValueError(f"marker {name!r} names entry {marker.entry!r}, which is not a module of the "
+                                     "model") from None
+                if not isinstance(entry, FORWARD_TYPES):
+                    raise ValueError(f"marker {name!r} names entry {marker.entry!r}, a {type(entry).__name__}; the "
+                                     "entry must be the block's first nn.Linear/nn.Conv layer")
+            placements.append(Placement(name, None, name, entry, marker.entry,
+                                        [marker.entry or "?", name]))
+        if not placements:
+            raise ValueError("every DirectFeedback marker of the model is excluded: nothing to train directly")
+        return placements
+
+
+@register_rule("dfa", aliases=("direct_feedback_alignment",))
+@dataclass
+class DirectFeedbackAlignment(_DirectBase):
+    r"""Direct feedback alignment (nokland2016): every hidden block gets :math:`\delta h_l = e\,D_l`.
+
+    :math:`e = \partial L/\partial \hat y` is the error at the model output for whatever loss is used; ``D_l``
+    is a fixed random ``(n_out, n_units)`` matrix; inside a block autograd is exact, so for a block
+    ``Linear → f`` the update is :math:`\delta a_l = (e D_l) \odot f'(a_l)`, :math:`dW_l = \delta a_l^\top
+    h_{l-1}`. The output layer gets its exact gradient. The backward costs the blocks' own weight gradients plus
+    one ``(N, n_out) × (n_out, Σ n_units)`` matmul: no signal runs through the chain of blocks.
+
+    Args:
+        scale: ``"nokland2016"`` (``U(±1/√n_units)``), ``"biotorch"`` (Xavier-uniform) or a positive float s
+            (``U(±s)``); ``n_units`` is the size of the marked tensor per position.
+        zero_init: set every linear/conv weight and bias to zero at conversion, the output layer included
+            (nokland2016's start for tanh/logistic nets; backprop cannot leave it).
+        batch_dims: leading dimensions shared by the output and the marked tensors (2 for ``(B, T, C)``
+            outputs with per-position errors); ``D`` maps the rest.
+    """
+
+
+@register_rule("ifa", aliases=("indirect_feedback_alignment",))
+@dataclass
+class IndirectFeedbackAlignment(_DirectBase):
+    r"""Indirect feedback alignment (nokland2016): the error reaches the first hidden block directly, the blocks
+    above get it forward through the forward weights.
+
+    :math:`\delta h_1 = e\,D_1`; for :math:`l \ge 2`, :math:`\delta h_l = W_l\,\delta a_{l-1}` (block ``l``'s
+    first layer without its bias applied to the error at block ``l − 1``'s first-layer output), so for a tanh
+    MLP :math:`\delta a_l = (\delta a_{l-1} W_l^\top) \odot f'(a_l)`. Every block must keep its size between its
+    first layer and its marker (no pooling). Options as for ``dfa``.
+    """
+
+    indirect: ClassVar[bool] = True
+
+
+def _zero_init(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, FORWARD_TYPES):
+            nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    dead = sorted({type(m).__name__ for m in model.modules() if isinstance(m, _DEAD_AT_ZERO)})
+    if dead:
+        warnings.warn(f"zero_init is meant for tanh/logistic nets (nokland2016); this model has {', '.join(dead)}, "
+                      "whose derivative at 0 is 0, so its hidden layers receive no signal from a zero start",
+                      UserWarning, stacklevel=4)
+
+
+def remove_direct_feedback(model: nn.Module) -> nn.Module:
+    """Return ``model`` to plain backprop: remove the placed markers and hooks; markers written into the model
+    become the identity. The feedback state is kept aside, so converting again with the same rule, options and
+    seed reuses every ``D`` instead of drawing it again. Returns the model."""
+    controller: Controller | None = model.__dict__.get(CONTROLLER_ATTR)
+    if controller is not None:
+        controller.detach(model)
+        model.__dict__[STASH_ATTR] = controller
+    return model

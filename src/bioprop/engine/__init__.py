@@ -1,0 +1,18 @@
+"""The training engine: ``TrainConfig`` and ``train(config)``, used by ``bioprop train`` and the demo.
+
+Examples::
+
+    >>> from bioprop.engine import TrainConfig, train
+    >>> summary = train(TrainConfig(dataset="digits", model="mlp", rule="fa", epochs=2,
+    ...                             output_dir="runs/digits-fa"))       # doctest: +SKIP
+    >>> summary["final_test_error"]                                      # doctest: +SKIP
+"""
+from .build import build_loss, build_optimizer, lr_factor
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, TrainConfig, config_from_dict, load_toml
+from .loop import StepInfo, TrainingDiverged, evaluate, train
+from .runlog import read_records
+
+__all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "ConfigError", "CheckpointError", "StepInfo",
+           "config_from_dict", "load_toml", "save_checkpoint", "load_checkpoint", "build_optimizer", "build_loss",
+           "lr_factor", "read_records"]

@@ -1,0 +1,103 @@
+"""Multi-process training with ``torchrun``: rank detection, process group, device choice and reductions.
+
+``torchrun --nproc_per_node=N -m bioprop train ...`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (and the
+rendezvous address) for each process; the engine reads them, joins the process group (NCCL on CUDA, Gloo on
+CPU), and gives each process ``batch_size / N`` samples of every global batch. Without those variables it runs
+as a single process.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistEnv", "detect", "setup", "teardown", "choose_device", "all_reduce_sum"]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one process that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def detect() -> DistEnv:
+    """The rank environment set by ``torchrun`` (single process when it is absent).
+
+    Raises:
+        ValueError: when the variables are set but inconsistent.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return DistEnv()
+    try:
+        world_size = int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ.get("RANK", "0"))
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world_size - 1}")
+    return DistEnv(rank, world_size, local_rank)
+
+
+def choose_device(name: str, env: DistEnv) -> torch.device:
+    """The device for this process: ``auto`` picks this process's local GPU when there is one, else the CPU.
+
+    Raises:
+        ValueError: ``cuda`` asked for on a machine without a usable GPU.
+    """
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --set device=cpu")
+        if name == "cuda":
+            name = f"cuda:{env.local_rank % torch.cuda.device_count()}"
+        device = torch.device(name)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(name)
+
+
+def setup(env: DistEnv, device: torch.device) -> None:
+    """Join the process group when running under torchrun (a no-op for a single process)."""
+    if env.distributed and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                                **({"device_id": device} if device.type == "cuda" else {}))
+
+
+def teardown(env: DistEnv) -> None:
+    """Leave the process group joined by :func:`setup`."""
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum ``values`` over all processes (returned unchanged for a single process)."""
+    if env.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def broadcast_object(value: object, env: DistEnv) -> object:
+    """``value`` from rank 0 on every process (e.g. a decision only rank 0 can make)."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

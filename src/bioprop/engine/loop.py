@@ -1,0 +1,480 @@
+"""``train(config)``: data → model → convert → loss → step, with evaluation, checkpoints and logs.
+
+One epoch, per process::
+
+    reseed(seed, epoch, rank); loader.set_epoch(epoch)         # order and randomness depend on (seed, epoch)
+    for x, y in loader:                                         # x (B/N, C, H, W) on device, y (B/N,)
+        lr = config.lr * lr_factor(step)                        # pure function of the step
+        loss = loss_fn(model(x), y); loss.backward(); optimizer.step(); constraints()
+    evaluate → "epoch" record → best.pt → checkpoint.pt (atomic)
+
+Because everything random is a function of ``(seed, epoch, rank)`` and every other piece of state is in the
+checkpoint, resuming from an end-of-epoch checkpoint gives bit-for-bit the run that was never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import distributed as dist_utils
+from .build import LossFn, build_loss, build_optimizer, lr_factor
+from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, TrainConfig, check_values
+from .runlog import MetricsLog, TensorBoardLog, progress
+
+__all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT"]
+
+#: bumped when the checkpoint layout changes incompatibly
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class StepInfo:
+    """What an ``on_step`` callback sees after each optimizer step."""
+
+    epoch: int  # 1-based epoch the step belongs to
+    step: int  # optimizer steps done so far in the run
+    loss: Tensor  # this step's loss (scalar, on the device; reading it synchronises)
+    model: nn.Module  # the model itself (not the DDP/compile wrapper)
+    optimizer: torch.optim.Optimizer
+
+
+def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = None) -> dict[str, Any]:
+    """Train as ``config`` says and return the run's summary (also written to ``<output_dir>/final.json``).
+
+    Under ``torchrun`` each process calls this; the rank comes from the environment.
+
+    Args:
+        config: the run (see :class:`TrainConfig`); it is checked first.
+        on_step: optional callback after every optimizer step (e.g. custom logging).
+
+    Returns:
+        The summary: rule, model, dataset, epochs, steps, best and final test error (%), final per-layer
+        alignment angles (degrees), wall time, output directory.
+
+    Raises:
+        ConfigError: a bad config value.
+        TrainingDiverged: the loss or the weights became NaN/inf (the last good checkpoint is kept).
+        CheckpointError: ``resume`` without a readable checkpoint.
+    """
+    check_values(config)
+    env = dist_utils.detect()
+    device = dist_utils.choose_device(config.device, env)
+    owns_group = env.distributed and not torch.distributed.is_initialized()
+    dist_utils.setup(env, device)
+    try:
+        return _Run(config, env, device, on_step).run()
+    finally:
+        if owns_group:
+            dist_utils.teardown(env)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), NumPy and Python's ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """A well-mixed seed for one epoch of one process, a function of ``(seed, epoch, rank)`` only."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, *, device: torch.device, amp: bool = False,
+             channels_last: bool = False, env: dist_utils.DistEnv = dist_utils.DistEnv()) -> dict[str, float]:
+    """Loss, top-1 and top-5 accuracy over a loader, summed over all processes' shards.
+
+    Returns:
+        ``{"loss", "acc", "top5", "error"}``: mean loss, accuracies as fractions, top-1 error in %.
+    """
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, correct@1, correct@5, n
+    for x, y in loader:
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(x)  # (B, K)
+        k = min(5, logits.shape[1])
+        topk = logits.float().topk(k, dim=1).indices  # (B, k)
+        hits = topk.eq(y[:, None])  # (B, k)
+        sums += torch.stack([loss_fn(logits, y).double() * y.numel(), hits[:, 0].sum().double(),
+                             hits.any(dim=1).sum().double(), torch.tensor(float(y.numel()), device=device,
+                                                                            dtype=torch.float64)])
+    loss_sum, c1, c5, n = dist_utils.all_reduce_sum(sums, env).tolist()
+    n = max(n, 1.0)
+    return {"loss": loss_sum / n, "acc": c1 / n, "top5": c5 / n, "error": 100.0 * (1.0 - c1 / n)}
+
+
+class _Run:
+    """The state of one training run; :meth:`run` is the whole of it."""
+
+    def __init__(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device,
+                 on_step: Callable[[StepInfo], None] | None) -> None:
+        self.config, self.env, self.device, self.on_step = config, env, device, on_step
+        self.out = config.resolved_output_dir()
+        self.main = env.is_main
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def _prepare_output(self) -> dict[str, Any] | None:
+        """Check the run directory and load the checkpoint to resume; None for a fresh run."""
+        config, ckpt_path = self.config, self.out / "checkpoint.pt"
+        if config.resume:
+            checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
+            if checkpoint.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{ckpt_path} has checkpoint format {checkpoint.get('format')!r}; this "
+                                      f"version reads format {CHECKPOINT_FORMAT}")
+            _check_same_run(checkpoint["config"], config, ckpt_path)
+            return checkpoint
+        if self.main and ckpt_path.exists() and not config.overwrite:
+            raise ConfigError("output_dir", f"{self.out} already holds a run (checkpoint.pt); pass --resume to "
+                                            "continue it, --overwrite to start over, or another --output-dir")
+        return None
+
+    def _build(self, checkpoint: dict[str, Any] | None) -> None:
+        import bioprop
+        from ..data import create_loader, load_dataset
+        from ..models import create_model
+        from ..optim import create_constraint
+
+        config, env, device = self.config, self.env, self.device
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(config.seed)
+
+        root = config.data_root or None
+        split_train = load_dataset(config.dataset, split="train", root=root, val_size=config.val_size)
+        split_test = load_dataset(config.dataset, split="test", root=root, val_size=config.val_size)
+        split_val = (load_dataset(config.dataset, split="val", root=root, val_size=config.val_size)
+                     if config.val_size > 0 else None)
+        num_classes, in_channels, image_size = _dataset_shape(split_train)
+        self.num_classes = num_classes
+
+        if config.batch_size % env.world_size:
+            raise ConfigError("batch_size", f"the global batch {config.batch_size} must divide evenly over "
+                                            f"{env.world_size} processes")
+        self.rank_batch = config.batch_size // env.world_size
+        augment = {"auto": None, "on": True, "off": False}[config.augment]
+        common = dict(device=device, seed=config.seed, rank=env.rank, world_size=env.world_size,
+                      num_workers=config.num_workers)
+        self.train_loader = create_loader(split_train, self.rank_batch, train=True, augment=augment, **common)
+        eval_batch = max(self.rank_batch, 256)
+        self.test_loader = create_loader(split_test, eval_batch, train=False, **common)
+        self.val_loader = (create_loader(split_val, eval_batch, train=False, **common)
+                           if split_val is not None else None)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set")
+
+        model = create_model(config.model, num_classes=num_classes, in_channels=in_channels,
+                             image_size=image_size, **config.model_args)
+        model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
+                                **config.rule_options)
+        model.to(device)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if bioprop.direct.markers(model):
+            # Direct feedback draws its D matrices on the first forward pass (their size depends on the output);
+            # draw them now so they exist before a checkpoint is loaded and before DDP registers the buffers.
+            bioprop.direct.initialize(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
+        self.model = model
+        self.constraints = [create_constraint(name, model) for name in config.constraints]
+        self.optimizer = build_optimizer(config, model)
+        self.loss_fn = build_loss(config.loss, num_classes)
+        self.uses_mirror = any(getattr(getattr(m, "rule", None), "name", "") == "wm" for m in model.modules())
+
+        self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.best: dict[str, Any] = {"error": math.inf, "epoch": 0, "test_error": math.inf}
+        self.history: list[dict[str, Any]] = []
+        if checkpoint is not None:
+            self._restore(checkpoint)
+
+        wrapped: nn.Module = model
+        if env.distributed:
+            wrapped = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if config.compile:
+            wrapped = torch.compile(wrapped)
+        self.train_model = wrapped
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        for constraint in self.constraints:
+            constraint.load_state_dict(checkpoint["constraints"][constraint.name])
+        self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
+        self.elapsed = float(checkpoint["elapsed_s"])
+        self.best = dict(checkpoint["best"])
+        self.history = [dict(h) for h in checkpoint["history"]]
+        set_rng_state(checkpoint["rng"])
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": {"name": self.config.schedule, "step": self.step, "steps_per_epoch": self.steps_per_epoch},
+            "constraints": {c.name: c.state_dict() for c in self.constraints},
+            "epoch": self.epoch,
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "best": dict(self.best),
+            "history": [dict(h) for h in self.history],
+            "rng": rng_state(),
+            "config": self.config.to_dict(),
+            "log_bytes": self.log.tell(),
+        }
+
+    # ------------------------------------------------------------------------------------------ the run
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        checkpoint = self._prepare_output()
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self._build(checkpoint)
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
+                              resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
+        self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
+                                 purge_step=self.step if checkpoint is not None else None)
+        try:
+            if self.main:
+                (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+            if checkpoint is not None:
+                self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
+                             "checkpoint": str(self.out / "checkpoint.pt")})
+            while self.epoch < config.epochs:
+                self._train_epoch(self.epoch + 1)
+            return self._finish()
+        finally:
+            self.log.close()
+            self.tb.close()
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.log.write(record)
+        self.tb.record(record)
+
+    def _train_epoch(self, epoch: int) -> None:
+        config, env, device = self.config, self.env, self.device
+        # Dropout, augmentation and shuffling draw from here: a function of (seed, epoch, rank) only, so a
+        # resumed epoch repeats the interrupted one exactly.
+        seed_everything(epoch_seed(config.seed, epoch, env.rank))
+        self.train_loader.set_epoch(epoch)
+        self.train_model.train()
+        flush_every = config.log_every or 50  # also how often NaN/inf is looked for
+        epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
+        window = torch.zeros(3, dtype=torch.float64, device=device)
+        bar = progress(self.train_loader, enabled=config.progress and self.main, total=self.steps_per_epoch,
+                       desc=f"epoch {epoch}/{config.epochs}")
+        start = window_start = time.perf_counter()
+        window_first = self.step + 1
+        for x, y in bar:
+            # x: (B/N, C, H, W) normalised on device; y: (B/N,) int64
+            lr = config.lr * lr_factor(config, self.step, self.steps_per_epoch)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if config.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+                logits = self.train_model(x)  # (B/N, K)
+            loss = self.loss_fn(logits, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            for constraint in self.constraints:
+                constraint()
+            if self.uses_mirror:
+                from ..mirror import mirror_step
+                mirror_step(self.model, step=self.step, seed=config.seed)
+            self.step += 1
+            with torch.no_grad():
+                correct = (logits.argmax(dim=1) == y).sum()
+                window += torch.stack([loss.detach().double() * y.numel(), correct.double(),
+                                       torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
+            if self.step % flush_every == 0:
+                self._flush_window(window, epoch_sums, epoch, lr, window_first, time.perf_counter() - window_start,
+                                   bar)
+                window_start, window_first = time.perf_counter(), self.step + 1
+            if config.metrics_every and self.step % config.metrics_every == 0 and self.main:
+                self._analysis(epoch, x, y)
+            if self.on_step is not None:
+                self.on_step(StepInfo(epoch, self.step, loss.detach(), self.model, self.optimizer))
+        bar.close()
+        if window[2] > 0 or env.distributed:
+            self._flush_window(window, epoch_sums, epoch, lr, window_first, time.perf_counter() - window_start,
+                               None, write=False)
+        train_time = time.perf_counter() - start
+        self._end_epoch(epoch, epoch_sums, train_time)
+
+    def _flush_window(self, window: Tensor, epoch_sums: Tensor, epoch: int, lr: float, first_step: int,
+                      seconds: float, bar: Any, write: bool = True) -> None:
+        """Reduce the running sums over processes, stop on NaN/inf, write a "train" record."""
+        loss_sum, correct, n = dist_utils.all_reduce_sum(window, self.env).tolist()
+        epoch_sums += torch.tensor([loss_sum, correct, n], dtype=torch.float64, device=epoch_sums.device)
+        window.zero_()
+        if not math.isfinite(loss_sum):
+            self._diverged(epoch, f"the loss became {loss_sum} between steps {first_step} and {self.step}")
+        if n == 0:
+            return
+        record = {"kind": "train", "epoch": epoch, "step": self.step, "loss": loss_sum / n, "acc": correct / n,
+                  "lr": lr, "samples_per_s": n / max(seconds, 1e-9)}
+        if write and self.config.log_every:
+            self._write(record)
+        if bar is not None:
+            bar.set_postfix_str(f"loss {record['loss']:.4f}  acc {100 * record['acc']:.2f}%  "
+                                f"{record['samples_per_s']:.0f} samples/s", refresh=False)
+
+    def _diverged(self, epoch: int, what: str) -> None:
+        ckpt = self.out / "checkpoint.pt"
+        kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {ckpt}" if self.epoch > 0
+                else "no checkpoint was written yet")
+        message = f"training diverged in epoch {epoch}: {what}; {kept}. Try a lower --lr."
+        self._write({"kind": "event", "event": "nan", "epoch": epoch, "step": self.step, "message": message})
+        raise TrainingDiverged(message)
+
+    def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
+        """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took."""
+        from .. import metrics
+        fn = getattr(metrics, "training_metrics", None)
+        if fn is None:
+            return
+        start = time.perf_counter()
+        values = fn(self.model, x, y, self.loss_fn)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self._write({"kind": "analysis", "epoch": epoch, "step": self.step, "time_s": seconds,
+                     "metrics": _plain(values)})
+
+    def _end_epoch(self, epoch: int, epoch_sums: Tensor, train_time: float) -> None:
+        config = self.config
+        loss_sum, correct, n = epoch_sums.tolist()
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self._diverged(epoch, "the weights became NaN or infinite")
+        record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": self.step,
+                                  "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+        eval_start = time.perf_counter()
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            kwargs = dict(device=self.device, amp=config.amp, channels_last=config.channels_last, env=self.env)
+            test = evaluate(self.model, self.test_loader, self.loss_fn, **kwargs)
+            record.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"],
+                          test_error=test["error"])
+            if self.val_loader is not None:
+                val = evaluate(self.model, self.val_loader, self.loss_fn, **kwargs)
+                record.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"],
+                              val_error=val["error"])
+        else:
+            record.update(test_loss=None, test_acc=None, test_top5=None, test_error=None)
+        eval_time = time.perf_counter() - eval_start
+        record.update(epoch_time_s=train_time, eval_time_s=eval_time,
+                      lr=self.optimizer.param_groups[0]["lr"])
+        self.epoch = epoch
+        self.elapsed += train_time + eval_time
+        self.history.append({"epoch": epoch, "test_error": record["test_error"],
+                             "val_error": record.get("val_error")})
+        self._write(record)
+        if self.main and config.verbose:
+            print(_epoch_line(record, config.epochs), flush=True)
+
+        selected = record.get("val_error") if self.val_loader is not None else record["test_error"]
+        improved = selected is not None and selected < self.best["error"]
+        if improved:
+            self.best = {"error": selected, "epoch": epoch, "test_error": record["test_error"]}
+        if self.main:
+            state = self._checkpoint_state()
+            # best.pt first: a kill between the two files resumes from the previous epoch and rewrites both.
+            if improved:
+                save_checkpoint(state, self.out / "best.pt")
+            save_checkpoint(state, self.out / "checkpoint.pt")
+
+    def _finish(self) -> dict[str, Any]:
+        from .. import metrics
+        config = self.config
+        errors = [h["test_error"] for h in self.history if h["test_error"] is not None]
+        summary: dict[str, Any] = {
+            "rule": config.rule, "model": config.model, "dataset": config.dataset, "epochs": self.epoch,
+            "steps": self.step,
+            "final_test_error": errors[-1] if errors else None,
+            "best_test_error": min(errors) if errors else None,
+            "best_epoch": self.best["epoch"],
+            "selected_by": "val_error" if self.val_loader is not None else "test_error",
+            "test_error_at_best": self.best["test_error"],
+            "alignment": metrics.alignment(self.model),
+            "wall_time_s": self.elapsed,
+            "world_size": self.env.world_size,
+            "output_dir": str(self.out),
+        }
+        if self.main:
+            (self.out / "final.json").write_text(json.dumps(_plain(summary), indent=2) + "\n")
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _dataset_shape(dataset: Any) -> tuple[int, int, int]:
+    """``(num_classes, in_channels, image_size)`` of a data set (an in-memory set or a torch Dataset)."""
+    num_classes = int(dataset.num_classes)
+    images = getattr(dataset, "images", None)
+    if images is not None:  # (N, C, H, W)
+        return num_classes, int(images.shape[1]), int(images.shape[-1])
+    x = dataset[0][0]  # (C, H, W)
+    return num_classes, int(x.shape[0]), int(x.shape[-1])
+
+
+# Options that may differ between the interrupted run and its resumption; everything else must match.
+_RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "progress", "verbose", "tensorboard", "num_workers",
+                      "data_root", "device", "eval_every", "log_every", "metrics_every"}
+
+
+def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    """Resuming with a different model, rule, data or optimisation would silently mix two runs; refuse."""
+    current = config.to_dict()
+    changed = [k for k in current if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in changed)
+        raise ConfigError("resume", f"{path} was written by a run with other settings ({diffs}); resume with the "
+                                    "same settings or start a new --output-dir")
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tensors and NumPy scalars turned into Python numbers/lists (JSON-ready)."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _epoch_line(record: dict[str, Any], epochs: int) -> str:
+    parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}",
+             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
+    if record.get("val_error") is not None:
+        parts.append(f"val error {record['val_error']:.2f}%")
+    if record["test_error"] is not None:
+        parts.append(f"test error {record['test_error']:.2f}% (top-5 {100 * record['test_top5']:.2f}%)")
+    parts.append(f"{record['epoch_time_s']:.1f}s")
+    return " | ".join(parts)
+

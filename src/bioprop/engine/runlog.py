@@ -1,0 +1,136 @@
+"""What a run writes as it goes: the JSON-lines metrics log, TensorBoard scalars and the progress bar.
+
+Only the main process writes; on the other ranks these objects exist but do nothing, so the loop needs no
+``if rank == 0`` at every call.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+__all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records"]
+
+T = TypeVar("T")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf: non-finite floats are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per line, flushed after every record.
+
+    Args:
+        path: the log file.
+        enabled: False on non-main ranks (nothing is written).
+        resume_at: byte offset recorded in the checkpoint being resumed. The file is cut back to it, so the
+            records of work that the checkpoint does not contain disappear and the log reads exactly as an
+            uninterrupted run's. None starts a new file.
+    """
+
+    def __init__(self, path: Path, enabled: bool = True, resume_at: int | None = None) -> None:
+        self.path = path
+        self.enabled = enabled
+        self._fh = None
+        if not enabled:
+            return
+        if resume_at is None or not path.exists():
+            self._fh = path.open("w", encoding="utf-8")
+        else:
+            self._fh = path.open("r+", encoding="utf-8")
+            self._fh.seek(resume_at)
+            self._fh.truncate()
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record and flush it to the OS, so a kill loses at most the record being written."""
+        if self._fh is None:
+            return
+        self._fh.write(json.dumps(_clean(record), separators=(", ", ": ")) + "\n")
+        self._fh.flush()
+
+    def tell(self) -> int:
+        """The current end of the log in bytes (stored in checkpoints); 0 on non-main ranks."""
+        return self._fh.tell() if self._fh is not None else 0
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl`` file, optionally only those of one ``kind``."""
+    records = []
+    with Path(path).open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                record = json.loads(line)
+                if kind is None or record.get("kind") == kind:
+                    records.append(record)
+    return records
+
+
+class TensorBoardLog:
+    """TensorBoard scalars mirroring the metrics log (train loss/acc/lr, epoch metrics, analysis scalars).
+
+    Raises:
+        RuntimeError: when enabled but the ``tensorboard`` package is not installed.
+    """
+
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None) -> None:
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise RuntimeError("tensorboard = true needs the tensorboard package: pip install tensorboard "
+                               "(or run without --set tensorboard=true)") from None
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Write the numeric fields of a metrics-log record as scalars at its step."""
+        if self.writer is None:
+            return
+        kind, step = record.get("kind"), int(record.get("step", 0))
+        fields = record.get("metrics", record) if kind == "analysis" else record
+        for key, value in _flatten(fields):
+            if key not in ("epoch", "step", "kind") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                self.writer.add_scalar(f"{kind}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flatten(value, name + "/")
+        else:
+            yield name, value
+
+
+def progress(iterable: Iterable[T], *, enabled: bool, total: int, desc: str) -> Any:
+    """A tqdm bar over ``iterable`` shown only when asked for and stderr is a terminal; else a silent wrapper.
+
+    The returned object always has ``set_postfix_str`` and ``close``, so the loop treats both cases alike.
+    """
+    from tqdm.auto import tqdm
+    show = enabled and sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, disable=not show, leave=False, dynamic_ncols=True,
+                unit="batch", mininterval=0.5)

@@ -1,0 +1,71 @@
+"""``training_metrics``: every analysis metric of a model in one JSON-ready dict, for the training log."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .shadow import LossFn, _grad_angles, _lillicrap_from, _signal_angles, shadow_backward
+from .weights import weight_statistics
+
+__all__ = ["training_metrics", "METRIC_KEYS", "jsonable"]
+
+#: the keys of :func:`training_metrics`'s result, always all present
+METRIC_KEYS = ("alignment", "grad_angle", "norm_ratio", "kurtosis", "mean_abs_w", "sign_concordance", "lillicrap",
+               "hist", "dfa_signal_angle")
+
+
+def training_metrics(model: nn.Module, x: Tensor | None = None, y: Tensor | None = None,
+                     loss_fn: LossFn | None = None, *, bins: int = 30) -> dict[str, dict]:
+    """Every analysis metric of ``model``, as a JSON-serialisable nested dict keyed by layer name.
+
+    The weight statistics read W and B only. With a batch ``(x, y)`` and ``loss_fn`` it also runs one shadow
+    backward (:func:`bioprop.metrics.shadow_backward`: two forward/backward passes, training state untouched)
+    for the gradient-based metrics; without them those entries are empty dicts.
+
+    Args:
+        model: the model being trained, in train mode to measure the training update.
+        x: an input batch (e.g. the last training batch).
+        y: its targets.
+        loss_fn: ``loss_fn(model(x), y) -> scalar``, the training loss.
+        bins: bins of the ``|W|`` histograms.
+
+    Returns:
+        ``{"alignment": {layer: deg}, "grad_angle": {layer: deg}, "norm_ratio": {layer: ratio},
+        "kurtosis": {layer: κ}, "mean_abs_w": {layer: mean |W|}, "sign_concordance": {layer: fraction},
+        "lillicrap": {layer: {"fraction", "mean"}}, "hist": {layer: {"edges", "counts"}},
+        "dfa_signal_angle": {marker: deg}}``. Undefined values (e.g. the angle of an all-zero W) are None.
+
+    Raises:
+        ValueError: if only some of ``x``, ``y``, ``loss_fn`` are given.
+    """
+    given = [v is not None for v in (x, y, loss_fn)]
+    if any(given) and not all(given):
+        raise ValueError("training_metrics needs x, y and loss_fn together (for the gradient metrics) or none "
+                         "of them (weight statistics only)")
+    out: dict[str, dict] = {key: {} for key in METRIC_KEYS}
+    out.update(weight_statistics(model, bins=bins))
+    if all(given):
+        result = shadow_backward(model, x, y, loss_fn)  # type: ignore[arg-type]
+        out["grad_angle"] = _grad_angles(result)
+        out["lillicrap"] = _lillicrap_from(result, model)
+        out["dfa_signal_angle"] = _signal_angles(result)
+    return jsonable(out)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None and tensors/NumPy scalars turned into Python numbers, so
+    that ``json.dumps`` writes strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,162 @@
+"""Reading run directories written by the training engine: config, metrics log, summary."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["RunData", "load_run", "label_runs", "analysis_series"]
+
+
+@dataclass
+class RunData:
+    """One run directory, read.
+
+    Attributes:
+        path: the directory.
+        config: ``config.json`` (empty if missing).
+        final: ``final.json`` (empty if missing).
+        records: the ``metrics.jsonl`` records by kind (``"train"``, ``"epoch"``, ``"analysis"``, ``"event"``).
+        notes: what was missing or unreadable.
+        label: the name the figures give the run.
+    """
+
+    path: Path
+    config: dict[str, Any] = field(default_factory=dict)
+    final: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    label: str = ""
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A setting from ``final.json``, else ``config.json``."""
+        return self.final.get(key, self.config.get(key, default))
+
+    def kind(self, kind: str) -> list[dict[str, Any]]:
+        return self.records.get(kind, [])
+
+    def epoch_records(self) -> list[dict[str, Any]]:
+        """The end-of-epoch records, one per epoch (the last one wins), in epoch order."""
+        by_epoch = {r["epoch"]: r for r in self.kind("epoch") if isinstance(r.get("epoch"), (int, float))}
+        return [by_epoch[e] for e in sorted(by_epoch)]
+
+    def epoch_of(self, steps: Sequence[float]) -> np.ndarray:
+        """Training steps converted to (fractional) epochs, from the steps at which the epochs ended."""
+        ends = [(r["step"], r["epoch"]) for r in self.epoch_records() if isinstance(r.get("step"), (int, float))]
+        steps_arr = np.asarray(steps, dtype=float)
+        if not ends:
+            return np.full(steps_arr.shape, np.nan)
+        xs = np.array([0.0] + [float(s) for s, _ in ends])
+        ys = np.array([0.0] + [float(e) for _, e in ends])
+        out = np.interp(steps_arr, xs, ys)
+        beyond = steps_arr > xs[-1]
+        if beyond.any():  # past the last finished epoch: continue at the run's steps-per-epoch
+            per_epoch = xs[-1] / ys[-1] if ys[-1] > 0 else 1.0
+            out[beyond] = ys[-1] + (steps_arr[beyond] - xs[-1]) / per_epoch
+        return out
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        notes.append(f"{path.name} is missing")
+        return {}
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        notes.append(f"{path.name} is not valid JSON ({exc})")
+        return {}
+    if not isinstance(value, dict):
+        notes.append(f"{path.name} does not hold a JSON object")
+        return {}
+    return value
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read a run directory written by the training engine.
+
+    Unreadable lines of ``metrics.jsonl`` (e.g. the last line of a killed run) are skipped and counted in
+    ``notes``.
+
+    Raises:
+        ValueError: if the directory does not exist or holds none of config.json, metrics.jsonl, final.json.
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"run directory {str(path)!r} does not exist")
+    if not any((path / name).is_file() for name in ("config.json", "metrics.jsonl", "final.json")):
+        raise ValueError(f"{str(path)!r} is not a run directory: it holds none of config.json, metrics.jsonl, "
+                         "final.json (written by `bioprop train`)")
+    run = RunData(path)
+    run.config = _read_json(path / "config.json", run.notes)
+    run.final = _read_json(path / "final.json", run.notes)
+    log = path / "metrics.jsonl"
+    if not log.is_file():
+        run.notes.append("metrics.jsonl is missing")
+        return run
+    bad = 0
+    with log.open(encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                bad += 1
+                continue
+            if isinstance(record, dict):
+                run.records.setdefault(str(record.get("kind", "")), []).append(record)
+            else:
+                bad += 1
+    if bad:
+        run.notes.append(f"{bad} unreadable line(s) in metrics.jsonl were skipped")
+    return run
+
+
+def label_runs(runs: list[RunData]) -> None:
+    """Name each run by its rule, adding the settings that differ between runs, then the directory if needed."""
+    def describe(run: RunData) -> str:
+        rule = str(run.get("rule", "?"))
+        last = run.config.get("last_layer")
+        return f"{rule} (last layer {last})" if last else rule
+
+    varying = [key for key in ("model", "dataset", "optimizer", "seed")
+               if len({json.dumps(r.get(key), sort_keys=True) for r in runs}) > 1]
+    for run in runs:
+        extra = ", ".join(f"{run.get(key)}" if key != "seed" else f"seed {run.get(key)}" for key in varying)
+        run.label = describe(run) + (f" [{extra}]" if extra else "")
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.label] = counts.get(run.label, 0) + 1
+    for run in runs:
+        if counts[run.label] > 1:
+            run.label = f"{run.label} ({run.path.name})"
+
+
+def analysis_series(run: RunData, key: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``(epochs, {layer: values})`` of one per-layer metric over the analysis records (None -> NaN)."""
+    records = [r for r in run.kind("analysis")
+               if isinstance(r.get("metrics"), dict) and isinstance(r["metrics"].get(key), dict) and r["metrics"][key]]
+    if not records:
+        return np.zeros(0), {}
+    steps = [float(r["step"]) if isinstance(r.get("step"), (int, float)) else np.nan for r in records]
+    epochs = run.epoch_of(steps)
+    missing = np.isnan(epochs)
+    if missing.any():  # no epoch records: fall back on the analysis record's own epoch number
+        epochs[missing] = [float(r["epoch"]) if isinstance(r.get("epoch"), (int, float)) else np.nan
+                           for r, m in zip(records, missing) if m]
+    layers: list[str] = []
+    for record in records:
+        layers += [name for name in record["metrics"][key] if name not in layers]
+    series = {}
+    for layer in layers:
+        values = []
+        for record in records:
+            value = record["metrics"][key].get(layer)
+            if isinstance(value, dict):  # e.g. lillicrap: {"fraction", "mean"}
+                value = value.get("fraction")
+            values.append(float(value) if isinstance(value, (int, float)) else np.nan)
+        series[layer] = np.asarray(values)
+    return epochs, series

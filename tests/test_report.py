@@ -1,0 +1,154 @@
+"""bioprop.report: renders every figure from run directories in the engine's format, survives missing data."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import bioprop
+from bioprop import metrics
+from bioprop.report import FIGURE_IDS, TsneFeatures, hidden_features, load_run, train_tsne_features, write_report
+
+
+def write_run(root: Path, rule: str, *, epochs: int = 3, steps_per_epoch: int = 4, analysis: bool = True,
+              seed: int = 0) -> Path:
+    """A small real training run, logged in the engine's run-directory format (config, metrics.jsonl, final)."""
+    out = root / rule
+    out.mkdir(parents=True)
+    torch.manual_seed(seed)
+    net = bioprop.convert(nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(),
+                                        nn.Linear(32, 5)), rule, seed=seed)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = torch.randn(256, 12, generator=g), torch.randint(0, 5, (256,), generator=g)
+    records, step = [], 0
+    for epoch in range(1, epochs + 1):
+        for i in range(steps_per_epoch):
+            x, y = x_all[i * 64:(i + 1) * 64], y_all[i * 64:(i + 1) * 64]
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+            step += 1
+            records.append({"kind": "train", "epoch": epoch, "step": step, "loss": loss.item(), "acc": 0.2,
+                            "lr": 0.1, "samples_per_s": 1000.0})
+            if analysis and step % 2 == 0:
+                records.append({"kind": "analysis", "epoch": epoch, "step": step, "time_s": 0.01,
+                                "metrics": metrics.training_metrics(net, x, y, F.cross_entropy, bins=12)})
+        with torch.no_grad():
+            error = 100.0 * float((net(x_all).argmax(1) != y_all).double().mean())
+        records.append({"kind": "epoch", "epoch": epoch, "step": step, "train_loss": loss.item(), "train_acc": 0.3,
+                        "test_loss": 1.5, "test_acc": 1 - error / 100, "test_top5": 1.0, "test_error": error,
+                        "epoch_time_s": 1.0, "lr": 0.1})
+    (out / "config.json").write_text(json.dumps({"rule": rule, "model": "mlp", "dataset": "synthetic",
+                                                  "epochs": epochs, "seed": seed, "last_layer": ""}))
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    errors = [r["test_error"] for r in records if r["kind"] == "epoch"]
+    (out / "final.json").write_text(json.dumps({"rule": rule, "model": "mlp", "dataset": "synthetic",
+                                                 "epochs": epochs, "final_test_error": errors[-1],
+                                                 "best_test_error": min(errors),
+                                                 "alignment": metrics.training_metrics(net)["alignment"]}))
+    return out
+
+
+def figure_bodies(page: str) -> dict[str, str]:
+    return dict(re.findall(r'<figure id="fig-([\w-]+)">(.*?)</figure>', page, flags=re.S))
+
+
+def random_tsne_features() -> dict[str, TsneFeatures]:
+    g = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 15)
+    return {rule: TsneFeatures(g.normal(size=(60, 8)) + shift * labels[:, None], labels, 3.0)
+            for rule, shift in (("backprop", 3.0), ("dfa", 1.0))}
+
+
+def test_report_contains_every_figure(tmp_path: Path) -> None:
+    runs = [write_run(tmp_path, "backprop"), write_run(tmp_path, "usf", seed=1)]
+    path = write_report(runs, tmp_path / "report", tsne=random_tsne_features())
+    page = path.read_text()
+    bodies = figure_bodies(page)
+    assert list(bodies) == list(FIGURE_IDS)
+    drawn = [f for f in FIGURE_IDS if f != "dfa-signal"]  # no direct-feedback run here
+    for fig_id in drawn:
+        match = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', bodies[fig_id])
+        assert match, fig_id
+        png = (tmp_path / "report" / f"fig-{fig_id}.png").read_bytes()
+        assert base64.b64decode(match.group(1)) == png  # the page embeds exactly the saved file
+        image = Image.open(io.BytesIO(png))
+        assert image.format == "PNG" and image.size[0] >= 400 and image.size[1] >= 250
+        assert len(png) > 10_000, fig_id  # something was drawn
+    assert "No figure" in bodies["dfa-signal"] and "direct feedback" in bodies["dfa-signal"]
+    assert not (tmp_path / "report" / "fig-dfa-signal.png").exists()
+    # results table: one row per run, final errors from final.json, mean alignment from final.json
+    rows = re.findall(r"<tr>(.*?)</tr>", page.split('id="results"')[1].split("</table>")[0])
+    assert len(rows) == 3  # header + 2 runs
+    final = json.loads((runs[1] / "final.json").read_text())
+    cells = re.findall(r"<td>(.*?)</td>", rows[2])
+    assert cells[1] == "usf" and cells[5] == f"{final['final_test_error']:.2f}"
+    assert cells[7] == f"{np.mean(list(final['alignment'].values())):.1f}"
+    assert cells[8] == f"{100 * 6 * 0.01 / 3.0:.1f}"  # 6 analysis records of 0.01 s in 3 epochs of 1 s
+
+
+def test_report_notes_missing_data_instead_of_failing(tmp_path: Path) -> None:
+    bare = write_run(tmp_path, "fa", analysis=False)
+    with (bare / "metrics.jsonl").open("a") as fh:
+        fh.write('{"kind": "epoch", "epoch": 4, "st')  # a run killed mid-write
+    (bare / "final.json").unlink()
+    only_config = tmp_path / "empty"
+    only_config.mkdir()
+    (only_config / "config.json").write_text(json.dumps({"rule": "usf"}))
+    page = write_report([bare, only_config], tmp_path / "out").read_text()
+    bodies = figure_bodies(page)
+    assert list(bodies) == list(FIGURE_IDS)
+    assert "<img" in bodies["learning-curves"]
+    for fig_id in ("alignment", "kurtosis", "weight-magnitudes", "grad-agreement", "lillicrap", "tsne"):
+        assert "No figure" in bodies[fig_id] and "<img" not in bodies[fig_id], fig_id
+    assert "analysis records" in bodies["alignment"]
+    assert "1 unreadable line(s) in metrics.jsonl were skipped" in page
+    assert "final.json is missing" in page and "metrics.jsonl is missing" in page
+    with pytest.raises(ValueError, match="does not exist"):
+        write_report([tmp_path / "nope"], tmp_path / "out")
+    with pytest.raises(ValueError, match="not a run directory"):
+        write_report([tmp_path / "out"], tmp_path / "out2")
+    with pytest.raises(ValueError, match="at least one run"):
+        write_report([], tmp_path / "out")
+
+
+def test_steps_map_to_fractional_epochs(tmp_path: Path) -> None:
+    run = load_run(write_run(tmp_path, "fa", epochs=2, steps_per_epoch=4, analysis=False))
+    np.testing.assert_allclose(run.epoch_of([0, 2, 4, 6, 8, 10]), [0, 0.5, 1, 1.5, 2, 2.5])
+
+
+def test_labels_distinguish_runs(tmp_path: Path) -> None:
+    a = write_run(tmp_path / "a", "fa", seed=0, epochs=1, analysis=False)
+    b = write_run(tmp_path / "b", "fa", seed=1, epochs=1, analysis=False)
+    page = write_report([a, b], tmp_path / "out").read_text()
+    assert "fa [seed 0]" in page and "fa [seed 1]" in page
+
+
+def test_hidden_features_are_the_output_layer_input() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 7), nn.Tanh(), nn.Linear(7, 3)).train()
+    x = torch.randn(50, 6)
+    features = hidden_features(net, x, batch_size=16)
+    torch.testing.assert_close(features, net[:4](x))
+    assert net.training
+
+
+def test_tsne_nets_train_on_digits() -> None:
+    rules = ("backprop", "dfa") if "dfa" in bioprop.list_rules() else ("backprop", "fa")
+    features = train_tsne_features("digits", rules, epochs=2, width=32, max_points=200)
+    assert list(features) == list(rules)
+    for entry in features.values():
+        assert entry.features.shape == (200, 32) and entry.labels.shape == (200,)
+        assert np.abs(entry.features).max() <= 1.0  # tanh units
+        assert entry.test_error < 30.0  # it learned: chance is 90 %
