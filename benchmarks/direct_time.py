@@ -3,7 +3,9 @@
 One training step = zero_grad, forward, cross-entropy, backward, SGD step (batch 128, 28x28 inputs, 10 classes).
 Each round runs every variant for ``--steps`` steps, in an order that rotates from round to round; the ratio to
 native backprop is taken within the round, and the table reports the median and the quartiles of those paired
-ratios over the rounds, which cancels most of the drift of a noisy machine.
+ratios over the rounds, which cancels most of the drift of a noisy machine. By default the steps run on one
+thread and are timed by the CPU time of the process, which other processes on a shared machine do not inflate;
+``--clock wall --threads 0`` gives elapsed time on torch's default threads.
 
     python benchmarks/direct_time.py                      # writes docs/perf_direct.md
     python benchmarks/direct_time.py --rounds 10 --out -  # quick look, print only
@@ -92,8 +94,9 @@ def variants(depth: int, width: int, batch: int, bio_module: type | None) -> dic
     return steps
 
 
-def measure(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str, list[float]]:
-    """Per-round seconds per step of every variant."""
+def measure(steps: dict[str, Step], rounds: int, per_round: int, clock: Callable[[], float]
+            ) -> dict[str, list[float]]:
+    """Per-round seconds per step of every variant, read from ``clock``."""
     names = list(steps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # BioTorch's deprecated module backward hooks warn on every call
@@ -104,10 +107,10 @@ def measure(steps: dict[str, Step], rounds: int, per_round: int) -> dict[str, li
         for r in range(rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                start = time.perf_counter()
+                start = clock()
                 for _ in range(per_round):
                     steps[name]()
-                times[name].append((time.perf_counter() - start) / per_round)
+                times[name].append((clock() - start) / per_round)
     return times
 
 
@@ -121,7 +124,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=30, help="measured rounds per model")
     parser.add_argument("--steps", type=int, default=5, help="steps per variant per round")
     parser.add_argument("--batch", type=int, default=128, help="batch size")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="cpu: CPU time of this process (robust on a shared machine); wall: elapsed time")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--biotorch-src", default="/tmp/wh/biotorch-0.0.16", help="BioTorch source folder")
     parser.add_argument("--out", default="docs/perf_direct.md", help="Markdown output file, or - for stdout only")
@@ -133,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["| model | variant | step (ms) | / backprop: median [q1, q3] | DFA / this |", "|---|---|---|---|---|"]
     for model_name in args.models:
         depth, width = MODELS[model_name]
-        times = measure(variants(depth, width, args.batch, bio_module), args.rounds, args.steps)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        times = measure(variants(depth, width, args.batch, bio_module), args.rounds, args.steps, clock)
         base = times["backprop"]
         for name, values in times.items():
             ratio = [v / b for v, b in zip(values, base)]
@@ -149,7 +155,8 @@ def main(argv: list[str] | None = None) -> None:
         "# Step time of DFA and IFA",
         "",
         f"Produced by `{command.strip()}` (rounds={args.rounds}, {args.steps} steps per variant per round, "
-        f"batch={args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"batch={args.batch}, {args.clock} clock, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{platform.machine()}, "
         f"Python {platform.python_version()}, BioTorch {'0.0.16' if bio_module else 'not available'}).",
         "",
         "A step is zero_grad + forward + cross-entropy + backward + SGD step of an N×H tanh MLP (28x28 inputs, "

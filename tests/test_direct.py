@@ -5,7 +5,6 @@ import copy
 import io
 import os
 import pickle
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -284,7 +283,12 @@ def test_sequence_outputs_with_batch_dims() -> None:
     delta = (np_(e).reshape(10, 3) @ d) * (1.0 - h1 ** 2)
     np.testing.assert_allclose(np_(net[0].weight.grad), delta.T @ h0, rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="batch_dims"):
-        net(torch.randn(5, 4, dtype=torch.float64))  # (T, C) has only one dim after 2 batch dims... too few
+        net(torch.randn(4, dtype=torch.float64))  # nothing left after the two batch dims
+    whole = bioprop.convert(nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double(), "dfa")
+    whole(x).sum().backward()  # batch_dims=1: one sample is a whole sequence, D is (T·3, T·6)
+    assert bioprop.feedback_weights(whole)["1.direct_feedback"].shape == (15, 30)
+    with pytest.raises(ValueError, match="D is fixed once drawn"):
+        whole(torch.randn(2, 7, 4, dtype=torch.float64))  # another length: another D would be needed
 
 
 def test_explicit_markers_in_a_residual_model() -> None:
@@ -329,6 +333,39 @@ def test_explicit_markers_in_a_residual_model() -> None:
     plain(x).sum().backward()
     for a, b in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_marker_outside_its_model_passes_gradients_through() -> None:
+    torch.manual_seed(0)
+    base = tanh_mlp()
+    plain = copy.deepcopy(base)[1:5]
+    net = bioprop.convert(base, "dfa")
+    part = net[1:5]  # a new Sequential sharing the modules, without the converted model's projection
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="ran outside the forward pass"):
+        part(x).sum().backward()
+    plain(x).sum().backward()
+    for a, b in zip(part.parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_model_must_return_one_tensor() -> None:
+    class TwoOutputs(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.mark, self.head = nn.Linear(3, 4), direct.DirectFeedback(), nn.Linear(4, 2)
+
+        def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+            h = self.mark(torch.tanh(self.fc(x)))
+            return self.head(h), h
+
+    net = bioprop.convert(TwoOutputs(), "dfa")
+    with pytest.raises(TypeError, match="must return a single tensor"):
+        net(torch.randn(2, 3))
+    with torch.no_grad():
+        net(torch.randn(2, 3))  # nothing is projected without gradients
+    with pytest.raises(ValueError, match="entry"):
+        bioprop.convert(TwoOutputs(), "ifa")  # ifa needs to know each block's first layer
 
 
 # ----------------------------------------------------------------------------------------------- signals
@@ -487,13 +524,78 @@ def digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return x[order[:1400]], y[order[:1400]], x[order[1400:]], y[order[1400:]]
 
 
-def deep_tanh_mlp(depth: int, width: int) -> nn.Sequential:
+def deep_tanh_mlp(depth: int, width: int, rule: str) -> nn.Sequential:
+    """depth x width tanh MLP on the 64 digit pixels, every weight and bias zero (nokland2016's start)."""
+    torch.manual_seed(0)
     layers: list[nn.Module] = []
     fan_in = 64
     for _ in range(depth):
         layers += [nn.Linear(fan_in, width), nn.Tanh()]
         fan_in = width
-    return nn.Sequential(*layers, nn.Linear(fan_in, 10))
+    net = nn.Sequential(*layers, nn.Linear(fan_in, 10))
+    if rule == "backprop":
+        for layer in linear_layers(net):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        return net
+    return bioprop.convert(net, rule, zero_init=True)
+
+
+def bce_one_hot(logits: Tensor, y: Tensor) -> Tensor:
+    """nokland2016's loss: sigmoid outputs, binary cross-entropy to one-hot targets, summed over classes."""
+    return F.binary_cross_entropy_with_logits(logits, F.one_hot(y, logits.shape[1]).to(logits.dtype),
+                                              reduction="sum") / len(y)
+
+
+def train_digits(net: nn.Module, loss_fn, lr: float, epochs: int, steps: int | None = None) -> float:
+    """RMSprop, batch 64 (nokland2016's optimiser); returns the held-out accuracy."""
+    x_train, y_train, x_test, y_test = digits_split()
+    opt = torch.optim.RMSprop(net.parameters(), lr=lr)
+    order = torch.Generator().manual_seed(1)
+    done = 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(x_train), generator=order)
+        for start in range(0, len(perm), 64):
+            batch = perm[start:start + 64]
+            opt.zero_grad()
+            loss_fn(net(x_train[batch]), y_train[batch]).backward()
+            opt.step()
+            done += 1
+            if steps is not None and done == steps:
+                break
+    with torch.no_grad():
+        return float((net(x_test).argmax(1) == y_test).float().mean())
+
+
+@pytest.fixture
+def one_thread():
+    """The learning tests run faster on one thread when the machine is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_dfa_learns_from_zero_init_where_backprop_cannot(one_thread: None) -> None:
+    _, _, _, y_test = digits_split()
+    chance = float(torch.bincount(y_test).max()) / len(y_test)  # the best a constant prediction can do
+    accuracy = {rule: train_digits(deep_tanh_mlp(10, 240, rule), F.cross_entropy, lr=3e-3, epochs=3)
+                for rule in ("dfa", "backprop")}
+    assert chance < 0.15
+    assert accuracy["backprop"] <= chance + 1e-9  # zero weights above: every hidden gradient is exactly 0
+    assert accuracy["dfa"] > 0.6, accuracy  # about 0.9 after these 66 steps
+
+
+def test_dfa_moves_every_layer_of_a_100x240_zero_init_net(one_thread: None) -> None:
+    nets = {rule: deep_tanh_mlp(100, 240, rule) for rule in ("dfa", "backprop")}
+    for net in nets.values():  # nokland2016's loss and optimiser, three steps
+        train_digits(net, bce_one_hot, lr=1e-4, epochs=1, steps=3)
+    hidden = {rule: linear_layers(net)[:-1] for rule, net in nets.items()}
+    assert all(float(layer.weight.detach().abs().max()) > 0 and float(layer.bias.detach().abs().min()) > 0
+               for layer in hidden["dfa"])  # all 100 hidden layers have left zero
+    assert all(float(layer.weight.detach().abs().max()) == 0 and float(layer.bias.detach().abs().max()) == 0
+               for layer in hidden["backprop"])  # backprop cannot leave a zero start
 
 
 # ----------------------------------------------------------------------------------------------- DDP

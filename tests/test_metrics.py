@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -376,3 +377,20 @@ def test_dfa_metrics_leave_marker_state_and_training_untouched() -> None:
         assert torch.equal(plain[name], measured[name]), name
     for a, b in zip(plain_signals, measured_signals):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- cost
+
+
+def test_measure_cost_times_both_and_gives_the_interval(capsys: pytest.CaptureFixture[str]) -> None:
+    net = bioprop.convert(mlp(), "fa").train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x, y = batch()
+    cost = metrics.measure_cost(net, x, y, F.cross_entropy, opt, repeats=3, warmup=1)
+    assert cost.step_s > 0 and cost.metrics_s > 0 and 0 < cost.weights_ratio
+    assert metrics.MetricsCost(0.01, 0.055, 5.5, 2.0).interval_for(0.05) == 110  # ceil(5.5 / 0.05)
+    assert metrics.MetricsCost(0.01, 0.001, 0.01, 0.0).interval_for(0.05) == 1
+    from bioprop.metrics.cost import main
+    main(["--rules", "usf", "--width", "16", "--repeats", "2"])
+    out = capsys.readouterr().out
+    assert "2x16 tanh MLP" in out and re.search(r"^\| usf \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| \d+ \|$", out, re.M)

@@ -16,6 +16,7 @@ Examples::
     >>> angles['2']  # the output layer's dW never depends on B
     0.0
 """
+from .cost import MetricsCost, measure_cost
 from .shadow import (ShadowResult, dfa_signal_angle, direct_markers, gradient_agreement, lillicrap_condition,
                      lillicrap_values, shadow_backward, topmost_feedback_layer)
 from .training import METRIC_KEYS, jsonable, training_metrics
@@ -26,5 +27,6 @@ __all__ = [
     "angle", "norm_ratio", "kurtosis", "mean_abs", "sign_concordance", "magnitude_histogram", "lillicrap_values",
     "alignment", "weight_statistics", "layer_feedback", "model_weight_layers", "EXACT_MODES",
     "ShadowResult", "shadow_backward", "gradient_agreement", "lillicrap_condition", "dfa_signal_angle",
-    "direct_markers", "topmost_feedback_layer", "training_metrics", "METRIC_KEYS", "jsonable",
+    "direct_markers", "topmost_feedback_layer", "training_metrics", "METRIC_KEYS", "jsonable", "MetricsCost",
+    "measure_cost",
 ]

@@ -16,6 +16,7 @@ __all__ = ["pyplot", "grid", "learning_curves", "per_layer", "weight_magnitudes"
 
 
 def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (imported on first use: the package itself never needs it)."""
     import matplotlib
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
@@ -23,6 +24,7 @@ def pyplot() -> Any:
 
 
 def grid(plt: Any, n: int, width: float = 4.4, height: float = 3.3, max_cols: int = 3) -> tuple[Any, list]:
+    """A figure with ``n`` panels of ``width`` × ``height`` inches, at most ``max_cols`` per row."""
     cols = min(max_cols, n)
     rows = math.ceil(n / cols)
     # at least 7.5 in wide, so that a one-panel figure still has room for its title
@@ -34,6 +36,7 @@ def grid(plt: Any, n: int, width: float = 4.4, height: float = 3.3, max_cols: in
 
 
 def learning_curves(runs: list[RunData], colors: dict[str, Any]) -> tuple[Any, str]:
+    """Test error (%) and training loss per epoch, one line per run."""
     plt = pyplot()
     curves = [(run, run.epoch_records()) for run in runs]
     if not any(records for _, records in curves):
@@ -61,8 +64,8 @@ def learning_curves(runs: list[RunData], colors: dict[str, Any]) -> tuple[Any, s
 
 
 def per_layer(runs: list[RunData], key: str, *, title: str, ylabel: str, missing: str,
-               reference: tuple[float, str] | None = None, ylim: tuple[float, float] | None = None
-               ) -> tuple[Any, str]:
+              reference: tuple[float, str] | None = None, ylim: tuple[float, float] | None = None
+              ) -> tuple[Any, str]:
     """One panel per run with one line per layer (coloured from input to output) of an analysis metric."""
     plt = pyplot()
     data = [(run, *analysis_series(run, key)) for run in runs]
@@ -94,6 +97,7 @@ def per_layer(runs: list[RunData], key: str, *, title: str, ylabel: str, missing
 
 
 def weight_magnitudes(runs: list[RunData], colors: dict[str, Any]) -> tuple[Any, str]:
+    """Density of |W| from each run's last histogram, runs overlaid, for up to 4 layers (xiao2018 Fig. 3c)."""
     plt = pyplot()
     last: list[tuple[RunData, dict]] = []
     for run in runs:
@@ -128,6 +132,7 @@ def weight_magnitudes(runs: list[RunData], colors: dict[str, Any]) -> tuple[Any,
 
 
 def lillicrap(runs: list[RunData], colors: dict[str, Any]) -> tuple[Any, str]:
+    """Share of samples satisfying Lillicrap's condition over training, one line per run."""
     plt = pyplot()
     data = [(run, *analysis_series(run, "lillicrap")) for run in runs]
     data = [d for d in data if d[2]]
@@ -149,6 +154,7 @@ def lillicrap(runs: list[RunData], colors: dict[str, Any]) -> tuple[Any, str]:
 
 
 def results_table(runs: list[RunData]) -> str:
+    """The HTML results table: one row per run; "–" where a value is missing."""
     head = ["run", "rule", "model", "dataset", "epochs", "final test error (%)", "best test error (%)",
             "final mean alignment (°)", "analysis time (% of training)"]
     rows = []
