@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import copy
 import io
+import os
 import platform
 import statistics
 import sys
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     bio_module = load_biotorch(args.biotorch_src)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     lines = ["| model | variant | step (ms) | / backprop: median [q1, q3] | DFA / this |", "|---|---|---|---|---|"]
     for model_name in args.models:
@@ -157,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Produced by `{command.strip()}` (rounds={args.rounds}, {args.steps} steps per variant per round, "
         f"batch={args.batch}, {args.clock} clock, torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{platform.machine()}, "
-        f"Python {platform.python_version()}, BioTorch {'0.0.16' if bio_module else 'not available'}).",
+        f"Python {platform.python_version()}, BioTorch {'0.0.16' if bio_module else 'not available'}, "
+        f"{os.cpu_count()} CPUs with load average {load:.1f} at the start).",
         "",
         "A step is zero_grad + forward + cross-entropy + backward + SGD step of an N×H tanh MLP (28x28 inputs, "
         "10 outputs). Ratios are per-round ratios to native backprop, median and quartiles over the rounds; "

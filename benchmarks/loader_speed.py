@@ -1,18 +1,24 @@
-"""In-memory tensor loader versus a per-sample DataLoader, and the MNIST cache load time.
+"""In-memory tensor loader versus per-sample DataLoaders, and the MNIST cache load time.
 
 Measures, on real MNIST from the data cache (run ``bioprop data get mnist`` first):
 
-1. one training epoch of nokland2016's 2x800 tanh MLP (SGD, batch 128) fed by ``bioprop.data.create_loader``
-   versus the same model fed by ``torch.utils.data.DataLoader`` over the per-sample ``Dataset`` (each sample
-   normalised in ``__getitem__``, batches collated), the usual torchvision-style pipeline. The two variants
-   alternate (A B A B ...) in one process and the result is the median of the paired ratios;
+1. one training epoch of nokland2016's 2x800 tanh MLP (SGD with momentum, batch 128) fed by
+   ``bioprop.data.create_loader`` (A) versus the same model, from the same initial weights, fed by a
+   ``torch.utils.data.DataLoader`` over a per-sample ``Dataset`` (B). Two per-sample baselines:
+   B1 = the ``ArrayDataset`` itself (``dataset[i]`` slices one uint8 image and normalises it), the leanest
+   per-sample pipeline; B2 = the torchvision-style pipeline that BioTorch uses for MNIST (uint8 array -> PIL
+   image -> float tensor / 255 -> normalise), written here with PIL and torch;
 2. the same epochs without the model (data only);
 3. the time to load the full MNIST (60k + 10k) from the cache into tensors, in fresh processes.
 
+Timing method (DESIGN.md): the variants run interleaved in one process, segment by segment (``--segment``
+steps of A, then the same number of steps of B, ...), so that both see the same machine load; each epoch time is
+the sum of its segments and the speed-up is the median of the per-segment paired ratios.
+
 Usage::
 
-    python benchmarks/loader_speed.py                   # writes docs/perf_data.md
-    python benchmarks/loader_speed.py --pairs 5 --out -  # print only
+    python benchmarks/loader_speed.py --threads 1          # writes docs/perf_data.md
+    python benchmarks/loader_speed.py --epochs 1 --out -   # print only
 """
 from __future__ import annotations
 
@@ -24,48 +30,83 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
 
-from bioprop.data import create_loader, load_dataset
+from bioprop.data import ArrayDataset, create_loader, load_dataset
 from bioprop.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LOAD_SNIPPET = ("import time, bioprop.data as d; t = time.perf_counter(); d.load_dataset('mnist', 'train'); "
                 "d.load_dataset('mnist', 'test'); print(time.perf_counter() - t)")
 
+Batches = Iterator[tuple[Tensor, Tensor]]
 
-def train_epoch(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Seconds for one SGD epoch over ``batches``."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+class PilPipeline(Dataset):
+    """Per-sample pipeline of torchvision's MNIST + ToTensor + Normalize, in PIL and torch."""
+
+    def __init__(self, dataset: ArrayDataset) -> None:
+        self.images = dataset.images[:, 0].numpy()  # (N, 28, 28) uint8
+        self.labels = dataset.labels.tolist()
+        self.mean, self.std = dataset.mean[0], dataset.std[0]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        image = Image.fromarray(self.images[i], mode="L")
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).unsqueeze(0)  # (1, 28, 28)
+        return (x - self.mean) / self.std, self.labels[i]
+
+
+def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> Callable[[Batches, int], float]:
+    """A function running ``n`` SGD steps from a batch iterator and returning the seconds taken."""
+    def run(batches: Batches, n: int) -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            x, y = next(batches)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return time.perf_counter() - start
+    return run
+
+
+def data_steps(batches: Batches, n: int) -> float:
     start = time.perf_counter()
-    for x, y in batches:
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
+    for _ in range(n):
+        x, _ = next(batches)
+        x.sum()  # touch the batch
     return time.perf_counter() - start
 
 
-def data_epoch(batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Seconds to draw every batch of one epoch."""
-    start = time.perf_counter()
-    for x, _ in batches:
-        x.sum()  # touch the data so lazy work is not skipped
-    return time.perf_counter() - start
-
-
-def paired(run_a: Callable[[], float], run_b: Callable[[], float], pairs: int) -> tuple[list[float], list[float]]:
-    """Alternate A and B ``pairs`` times after one warm-up of each; returns the two lists of seconds."""
-    run_a(), run_b()
-    times_a, times_b = [], []
-    for _ in range(pairs):
-        times_a.append(run_a())
-        times_b.append(run_b())
-    return times_a, times_b
+def interleaved(loaders: list, steps: list[Callable[[Batches, int], float]], epochs: int, segment: int
+                ) -> list[tuple[list[float], list[float]]]:
+    """Run the variants segment by segment; per variant, (epoch times, per-segment times)."""
+    n_batches = len(loaders[0])
+    results: list[tuple[list[float], list[float]]] = [([], []) for _ in loaders]
+    for _ in range(epochs):
+        iterators = [iter(loader) for loader in loaders]
+        totals = [0.0] * len(loaders)
+        done = 0
+        while done < n_batches:
+            n = min(segment, n_batches - done)
+            for v, (it, step) in enumerate(zip(iterators, steps)):
+                seconds = step(it, n)
+                totals[v] += seconds
+                results[v][1].append(seconds)
+            done += n
+        for v in range(len(loaders)):
+            results[v][0].append(totals[v])
+    return results
 
 
 def cache_load_times(runs: int) -> list[float]:
@@ -80,51 +121,68 @@ def cache_load_times(runs: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs per measurement (default 3)")
+    parser.add_argument("--epochs", type=int, default=2, help="measured epochs per variant (default 2)")
+    parser.add_argument("--segment", type=int, default=26, help="steps per interleaved segment (default 26)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--load-runs", type=int, default=3, help="fresh processes for the cache load time")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--load-runs", type=int, default=5, help="fresh processes for the cache load time")
     parser.add_argument("--out", default=str(ROOT / "docs" / "perf_data.md"), help="Markdown file, or - for stdout")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     train = load_dataset("mnist", "train")
+    ours = create_loader(train, args.batch_size, train=True, seed=0)
+    per_sample = [DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=0,
+                             generator=torch.Generator().manual_seed(0)) for ds in (train, PilPipeline(train))]
+    loaders = [ours, *per_sample]
+    assert len({len(loader) for loader in loaders}) == 1
     torch.manual_seed(0)
     base = create_model("mlp", depth=2, width=800, activation="tanh", num_classes=10, in_channels=1, image_size=28)
-    ours = create_loader(train, args.batch_size, train=True, seed=0)
-    reference = DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=0,
-                           generator=torch.Generator().manual_seed(0))
-    assert len(ours) == len(reference)
+    models = [copy.deepcopy(base) for _ in loaders]
+    steps = [train_steps(m, torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9)) for m in models]
 
-    print(f"training epochs: {args.pairs} pairs ...", flush=True)
-    train_a, train_b = paired(lambda: train_epoch(copy.deepcopy(base), ours),
-                              lambda: train_epoch(copy.deepcopy(base), reference), args.pairs)
-    print("data-only epochs ...", flush=True)
-    data_a, data_b = paired(lambda: data_epoch(ours), lambda: data_epoch(reference), args.pairs)
+    data_steps_list = [data_steps] * len(loaders)
+    interleaved(loaders, steps, 1, args.segment)  # warm-up epoch, not counted
+    print(f"training: {args.epochs} epochs per variant ...", flush=True)
+    training = interleaved(loaders, steps, args.epochs, args.segment)
+    print("data only ...", flush=True)
+    data_only = interleaved(loaders, data_steps_list, args.epochs, args.segment)
     print("cache load ...", flush=True)
     loads = cache_load_times(args.load_runs)
 
-    def ratio(a: list[float], b: list[float]) -> float:
-        return statistics.median(tb / ta for ta, tb in zip(a, b))
+    def row(label: str, results: list[tuple[list[float], list[float]]], digits: int) -> str:
+        epoch = [statistics.median(r[0]) for r in results]
+        ratios = [statistics.median(b / a for a, b in zip(results[0][1], r[1])) for r in results[1:]]
+        return (f"| {label} | {epoch[0]:.{digits}f} s | {epoch[1]:.{digits}f} s (**{ratios[0]:.2f}×**) | "
+                f"{epoch[2]:.{digits}f} s (**{ratios[1]:.2f}×**) |")
 
-    command = f"python benchmarks/loader_speed.py --pairs {args.pairs} --batch-size {args.batch_size}"
+    command = (f"python benchmarks/loader_speed.py --epochs {args.epochs} --segment {args.segment} "
+               f"--batch-size {args.batch_size}" + (f" --threads {args.threads}" if args.threads else ""))
+    load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "## Data loading",
         "",
-        f"Command: `{command}` (MNIST from the data cache, written by `bioprop data get mnist`).",
+        f"Command: `{command}`, on MNIST from the data cache (written by `bioprop data get mnist`).",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
-        f"{torch.get_num_threads()} intra-op threads, CPU only. Times are medians over {args.pairs} alternating "
-        "A/B pairs; the ratio is the median of the paired ratios (DataLoader time / our time).",
+        f"{torch.get_num_threads()} intra-op thread(s), CPU only; 1-minute load average {load_avg:.1f} at the end "
+        "(the machine is shared, so wall times move with the load; the paired ratios are the robust figure).",
+        f"The variants run interleaved in segments of {args.segment} steps; epoch times are medians over "
+        f"{args.epochs} epochs, speed-ups (in bold) are medians of the per-segment ratios B / A.",
         "",
-        "| measurement | `create_loader` (in-memory) | `DataLoader` over the per-sample Dataset | speed-up | target |",
-        "|---|---|---|---|---|",
-        f"| one epoch, 2x800 tanh MLP, SGD, batch {args.batch_size} ({len(ours)} steps) | "
-        f"{statistics.median(train_a):.2f} s | {statistics.median(train_b):.2f} s | "
-        f"**{ratio(train_a, train_b):.2f}×** | ≥ 1.5× |",
-        f"| data only, one epoch | {statistics.median(data_a):.3f} s | {statistics.median(data_b):.3f} s | "
-        f"{ratio(data_a, data_b):.1f}× | — |",
+        "| per epoch ({} steps of batch {}) | A: `create_loader` (in-memory) | B1: DataLoader, per-sample "
+        "`ArrayDataset[i]` | B2: DataLoader, per-sample PIL pipeline (torchvision/BioTorch style) |".format(
+            len(ours), args.batch_size),
+        "|---|---|---|---|",
+        row("2x800 tanh MLP, SGD training epoch", training, 2),
+        row("data only", data_only, 3),
+        "",
+        "Target: one training epoch >= 1.5x faster with the in-memory loader than with a DataLoader over a "
+        "per-sample Dataset.",
         "",
         f"Loading the full MNIST (60,000 + 10,000 images) from the cache into uint8 tensors, including the sha256 "
         f"check of the cache file, in {args.load_runs} fresh processes: median **{statistics.median(loads):.2f} s**, "
-        f"max {max(loads):.2f} s (target ≤ 2 s; interpreter and torch import not included).",
+        f"max {max(loads):.2f} s (target <= 2 s; interpreter start and imports not included).",
         "",
     ]
     text = "\n".join(lines)

@@ -202,6 +202,27 @@ def test_ifa_mlp_matches_closed_form() -> None:
     torch.testing.assert_close(bioprop.feedback_weights(net)["4.direct_feedback"], net[3].weight.detach())
 
 
+def test_ifa_convnet_relays_through_the_convolution() -> None:
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 3, 3, padding=1), nn.Tanh(),
+                        nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
+    net = bioprop.convert(net, "ifa", seed=1)
+    x = torch.randn(2, 2, 4, 4, dtype=torch.float64)
+    out = net(x)
+    e = torch.randn_like(out)
+    out.backward(e)
+    w1, b1, w2, b2 = np_(net[0].weight), np_(net[0].bias), np_(net[2].weight), np_(net[2].bias)
+    t1 = np.tanh(conv2d(np_(x), w1, b1, pad=1))  # (N, 3, 4, 4)
+    t2 = np.tanh(conv2d(t1, w2, b2, pad=1))
+    d1 = np_(net[1].direct_feedback.feedback_matrix)  # (4, 48)
+    delta1 = (np_(e) @ d1).reshape(t1.shape) * (1.0 - t1 ** 2)
+    relayed = conv2d(delta1, w2, np.zeros(3), pad=1)  # block 1's error forward through conv 2, no bias
+    delta2 = relayed * (1.0 - t2 ** 2)
+    np.testing.assert_allclose(np_(net[0].weight.grad), conv2d_weight_grad(np_(x), delta1, 3, 1), rtol=1e-10)
+    np.testing.assert_allclose(np_(net[2].weight.grad), conv2d_weight_grad(t1, delta2, 3, 1), rtol=1e-10)
+    np.testing.assert_allclose(np_(net[2].bias.grad), delta2.sum((0, 2, 3)), rtol=1e-10)
+
+
 @pytest.mark.parametrize("rule", ["dfa", "ifa"])
 def test_autograd_grad_and_accumulation_agree_with_backward(rule: str) -> None:
     torch.manual_seed(2)
@@ -482,7 +503,7 @@ def test_backprop_conversion_restores_plain_model_and_copies_work() -> None:
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
-def test_zero_init_and_options() -> None:
+def test_options_and_errors() -> None:
     net = bioprop.convert(tanh_mlp(), "dfa", zero_init=True)
     assert all(float(p.detach().abs().sum()) == 0.0 for p in net.parameters())  # the output layer included
     with pytest.warns(UserWarning, match="ReLU"):
@@ -510,6 +531,10 @@ def test_zero_init_and_options() -> None:
     with pytest.raises(ValueError, match="no pooling"):
         net = bioprop.convert(small_convnet(), "ifa")
         net(torch.randn(2, 2, 6, 6, dtype=torch.float64))
+    net = bioprop.convert(nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 4), nn.ReLU(),
+                                        nn.Linear(4, 2)), "ifa")
+    with pytest.raises(ValueError, match="in place"):
+        net(torch.randn(2, 3))
 
 
 # ----------------------------------------------------------------------------------------------- learning

@@ -20,6 +20,15 @@ from bioprop.engine.checkpoint import rng_state, set_rng_state
 TIMING = ("samples_per_s", "epoch_time_s", "eval_time_s", "time_s")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits when the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:
     """A digits run of a few seconds: 2x32 tanh MLP, batch 64 (22 steps per epoch)."""
     values = dict(dataset="digits", model="mlp", model_args={"depth": 2, "width": 32}, rule="fa", epochs=2,
@@ -329,3 +338,36 @@ def test_compiled_converted_mlp_gives_the_eager_gradients(rule):
     reference.load_state_dict({k: v for k, v in net.state_dict().items() if not k.split(".")[-1].startswith("feedback")})
     nn.functional.cross_entropy(reference(x), y).backward()
     assert not torch.allclose(reference[0].weight.grad, eager["0.weight"])
+
+
+# ------------------------------------------------------------------------------------------- speed options
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path / "checkpoint.pt")["model"]
+
+
+def test_compile_and_channels_last_train_like_eager(tmp_path):
+    # a conv net so that channels_last changes the memory layout of real convolutions
+    options = dict(model="small_convnet", model_args={}, rule="usf", epochs=1, batch_size=128, log_every=0)
+    train(small(tmp_path, "eager", **options))
+    train(small(tmp_path, "fast", compile=True, channels_last=True, **options))
+    eager, fast = _weights(tmp_path / "eager"), _weights(tmp_path / "fast")
+    for key in eager:
+        torch.testing.assert_close(fast[key], eager[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_amp_runs_the_forward_in_bfloat16(tmp_path, monkeypatch):
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, weight, bias=None):
+        out = real_linear(x, weight, bias)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    train(small(tmp_path, "amp", rule="backprop", epochs=1, amp=True))
+    assert torch.bfloat16 in seen
+    record = read_records(tmp_path / "amp" / "metrics.jsonl", "epoch")[-1]
+    assert math.isfinite(record["test_loss"]) and record["test_error"] < 60

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import bioprop
-from bioprop.models import count_parameters, create_model, list_models, model_info, model_table
+import bioprop.models as models_module
+from bioprop.models import count_parameters, create_model, list_models, model_info, model_table, register_model
 from bioprop.models.resnet import PadShortcut
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
@@ -183,6 +184,33 @@ def test_create_model_errors() -> None:
         create_model("mlp", num_classes=0)
     with pytest.raises(ValueError, match="dropout_hidden must be in"):
         create_model("mlp", dropout_hidden=1.0)
+
+
+def test_narrow_variants_keep_the_layer_graph() -> None:
+    with torch.device("meta"):
+        for name, options in (("resnet50", {"width": 16}), ("resnet18", {"width": 8}), ("alexnet", {"hidden": 512}),
+                              ("alexnet_bn", {"hidden": 512})):
+            full = create_model(name, num_classes=1000, in_channels=3, image_size=224)
+            narrow = create_model(name, num_classes=1000, in_channels=3, image_size=224, **options)
+            assert [type(m) for m in narrow.modules()] == [type(m) for m in full.modules()]
+            assert [n for n, _ in narrow.named_parameters()] == [n for n, _ in full.named_parameters()]
+            assert count_parameters(narrow) < count_parameters(full) / 4
+
+
+def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models_module, "_MODELS", dict(models_module._MODELS))  # leave the real registry alone
+
+    @register_model("linear_probe", paper="test", min_image_size=2)
+    def linear_probe(num_classes: int, in_channels: int, image_size: int, *, bias: bool = True) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, num_classes, bias=bias))
+
+    assert "linear_probe" in models_module.list_models()
+    assert model_info("linear_probe").options == {"bias": True}
+    assert create_model("linear_probe", num_classes=3, image_size=4, bias=False)(torch.zeros(2, 1, 4, 4)).shape == (2, 3)
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("linear_probe")(linear_probe)
+    with pytest.raises(ValueError, match="must start with \\(num_classes, in_channels, image_size\\)"):
+        register_model("bad")(lambda n: nn.Identity())
 
 
 # ------------------------------------------------------------------------ every model × every rule

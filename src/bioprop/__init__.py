@@ -12,7 +12,7 @@ from .convert import ConversionSummary, conversion_summary, convert, feedback_we
 from .functional import feedback_conv, feedback_linear
 from .layers import FeedbackConv1d, FeedbackConv2d, FeedbackConv3d, FeedbackLinear
 from .rules import create_rule, list_rules, register_rule, rule_options
-from . import metrics, mirror, optim  # noqa: F401  (bioprop.metrics.alignment, bioprop.mirror.mirror_step, ...)
+from . import direct, metrics, mirror, optim  # noqa: F401  (bioprop.direct, bioprop.metrics.alignment, ...)
 
 __version__ = "0.1.0"
 

@@ -99,9 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "needed) or the built-in 8x8 digits; a results table, figures and a report.")
     demo.add_argument("--dataset", choices=("mnist", "digits"), default="mnist",
                       help="mnist (about 5 minutes on 2 CPU cores) or digits (under a minute); default mnist")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs per rule (default: 4 on mnist, 30 on digits)")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per rule (default: 4 on mnist, 20 on digits)")
     demo.add_argument("--output-dir", default="results/demo", help="results folder; default results/demo")
     demo.add_argument("--data-root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
+    demo.add_argument("--workers", type=int, default=None,
+                      help="parallel training processes (default: one per rule; 0 = one after the other in this "
+                           "process)")
     demo.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bars")
 
     report = sub.add_parser("report", help="write an HTML report with figures comparing finished runs")
@@ -198,8 +201,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     if args.epochs is not None and args.epochs <= 0:
         _fail(f"--epochs: must be > 0, got {args.epochs}", code=2)
+    if args.workers is not None and args.workers < 0:
+        _fail(f"--workers: must be >= 0, got {args.workers}", code=2)
     run_demo(dataset=args.dataset, epochs=args.epochs, output_dir=args.output_dir, data_root=args.data_root,
-             progress=args.progress)
+             progress=args.progress, workers=args.workers)
     return 0
 
 

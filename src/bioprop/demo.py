@@ -44,7 +44,7 @@ class DemoSetting:
 #: and DFA end within a few tenths of a percent of backprop's test error (see docs/usage.md for the numbers).
 SETTINGS = {
     "mnist": DemoSetting(epochs=4, batch_size=64, lr=1e-3, optimizer="adam", schedule="cosine", metrics_every=200),
-    "digits": DemoSetting(epochs=30, batch_size=32, lr=1e-3, optimizer="adam", schedule="cosine", metrics_every=20),
+    "digits": DemoSetting(epochs=20, batch_size=32, lr=1e-3, optimizer="adam", schedule="cosine", metrics_every=20),
 }
 
 
@@ -77,7 +77,8 @@ def run_demo(dataset: str = "mnist", epochs: int | None = None, output_dir: str 
         data_root: data root (default ``$BIOPROP_DATA`` or ``~/.cache/bioprop``).
         progress: live progress bars on a terminal (a line per finished epoch otherwise).
         rules: the rules to compare (backprop first, as the reference of the gap column).
-        workers: parallel training processes (default: one per rule).
+        workers: parallel training processes (default: one per rule); 0 trains the runs one after the other in
+            this process.
 
     Raises:
         ValueError: an unknown data set.
@@ -102,16 +103,23 @@ def run_demo(dataset: str = "mnist", epochs: int | None = None, output_dir: str 
           f"{setting.batch_size}", flush=True)
     print("rules: " + ", ".join(RULE_TITLES.get(r, r) for r in rules), flush=True)
 
-    workers = workers or len(rules)
-    threads = max(1, (os.cpu_count() or 1) // workers)
     start = time.perf_counter()
     configs = {rule: _run_config(dataset, rule, setting, epochs, out, data_root) for rule in rules}
-    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold OpenMP threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {rule: pool.submit(_train_worker, configs[rule], threads) for rule in rules}
-        _watch(futures, {rule: Path(configs[rule]["output_dir"]) for rule in rules}, steps_total, epochs,
-               progress)
-        summaries = {rule: future.result() for rule, future in futures.items()}
+    if workers == 0:  # one after the other in this process, with the epoch lines of `bioprop train`
+        from .engine import config_from_dict, train
+        summaries = {}
+        for rule in rules:
+            print(f"{rule}:", flush=True)
+            summaries[rule] = train(config_from_dict({**configs[rule], "verbose": True, "progress": progress}))
+    else:
+        workers = workers or len(rules)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold OpenMP threads
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+            futures = {rule: pool.submit(_train_worker, configs[rule], threads) for rule in rules}
+            _watch(futures, {rule: Path(configs[rule]["output_dir"]) for rule in rules}, steps_total, epochs,
+                   progress)
+            summaries = {rule: future.result() for rule, future in futures.items()}
     wall = time.perf_counter() - start
 
     run_dirs = [Path(configs[rule]["output_dir"]) for rule in rules]
@@ -154,6 +162,7 @@ def _watch(futures: dict[str, Future], run_dirs: dict[str, Path], steps_total: i
                        "[{elapsed}<{remaining}] {postfix}")
             for i, rule in enumerate(futures)}
     offsets = {rule: 0 for rule in futures}
+    every = math.ceil(epochs / 5)  # at most about five lines per run in a log file
     while True:
         done = all(f.done() for f in futures.values())
         for rule, run_dir in run_dirs.items():
@@ -163,7 +172,7 @@ def _watch(futures: dict[str, Future], run_dirs: dict[str, Path], steps_total: i
                 if record.get("kind") == "epoch" and record.get("test_error") is not None:
                     text = f"epoch {record['epoch']}/{epochs}: test error {record['test_error']:.2f}%"
                     bars[rule].set_postfix_str(text, refresh=False)
-                    if not live:
+                    if not live and (record["epoch"] % every == 0 or record["epoch"] == epochs):
                         print(f"  {rule:<{width}}  {text}", flush=True)
             bars[rule].refresh()
         if done:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ._files import DatasetNotFoundError
-from .transforms import AUGMENTATIONS, normalize
+from .transforms import AUGMENTATIONS, affine_normalization, normalize
 
 __all__ = ["ArrayDataset", "DataSource", "SPLITS"]
 
@@ -65,12 +65,13 @@ class ArrayDataset(Dataset):
         self.name = name
         self.train_augmentation = train_augmentation
         self.classes = list(classes) if classes is not None else None
+        self._affine = affine_normalization(self.mean, self.std)
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        image = normalize(self.images[index], self.mean, self.std)  # (C, H, W) float32
+        image = normalize(self.images[index], self._affine)  # (C, H, W) float32
         return image, int(self.labels[index])
 
     def subset(self, start: int, stop: int) -> ArrayDataset:

@@ -23,7 +23,8 @@ from torch.utils.data import Dataset
 
 from ._files import DatasetCorruptError, DatasetNotFoundError
 from .base import DataSource
-from .transforms import center_crop, normalize, pil_to_tensor, random_resized_crop, resize_shorter
+from .transforms import (affine_normalization, center_crop, normalize, pil_to_tensor, random_resized_crop,
+                         resize_shorter)
 
 __all__ = ["ImageFolderDataset", "ImageFolderSource", "ImageNetSource", "IMAGE_EXTENSIONS"]
 
@@ -66,6 +67,7 @@ class ImageFolderDataset(Dataset):
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.name = name
+        self._affine = affine_normalization(self.mean, self.std)
         self.samples: list[tuple[Path, int]] = []
         for label, class_name in enumerate(self.classes):
             class_dir = self.folder / class_name
@@ -80,7 +82,7 @@ class ImageFolderDataset(Dataset):
 
     def load_uint8(self, key: SampleKey, augment: bool | None = None) -> tuple[Tensor, int]:
         """The transformed image as uint8 (3, S, S) and its label; ``augment`` overrides the split's default."""
-        index, seed = (key, None) if isinstance(key, int) else key
+        index, seed = key if isinstance(key, tuple) else (int(key), None)
         path, label = self.samples[index]
         try:
             with Image.open(path) as img:
@@ -98,7 +100,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, key: SampleKey) -> tuple[Tensor, int]:
         image, label = self.load_uint8(key)
-        return normalize(image, self.mean, self.std), label
+        return normalize(image, self._affine), label
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(name={self.name!r}, folder={str(self.folder)!r}, samples={len(self)}, "

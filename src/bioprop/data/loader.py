@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .base import ArrayDataset
 from .imagefolder import ImageFolderDataset, SampleKey
-from .transforms import AUGMENTATIONS, crop_flip, draw_crop_flip, normalize
+from .transforms import AUGMENTATIONS, affine_normalization, crop_flip, draw_crop_flip, normalize
 
 __all__ = ["create_loader", "TensorLoader", "FileLoader", "epoch_plan", "CROP_PADDING"]
 
@@ -143,6 +143,7 @@ class TensorLoader(_EpochLoader):
         self.augmentation = augmentation
         self.images = dataset.images.to(device)  # (N, C, H, W) uint8, moved once
         self.labels = dataset.labels.to(device)
+        self._affine = affine_normalization(dataset.mean, dataset.std, device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         indices, positions, total = self._plan()
@@ -156,8 +157,9 @@ class TensorLoader(_EpochLoader):
             batch = indices[part]
             x = self.images[batch]  # (B, C, H, W) uint8
             if self.augmentation != "none":
-                x = crop_flip(x, offsets[part], flips[part], CROP_PADDING)
-            yield normalize(x, self.dataset.mean, self.dataset.std), self.labels[batch]
+                x = crop_flip(x, offsets[part], flips[part] if self.augmentation == "crop_flip" else None,
+                              CROP_PADDING)
+            yield normalize(x, self._affine), self.labels[batch]
         self.epoch += 1
 
 
@@ -211,15 +213,16 @@ class FileLoader(_EpochLoader):
                          rank=rank, world_size=world_size)
         self.dataset = dataset
         self.device = device
-        self._normalize = isinstance(dataset, ImageFolderDataset)
+        self._affine = (affine_normalization(dataset.mean, dataset.std, device)  # type: ignore[attr-defined]
+                        if isinstance(dataset, ImageFolderDataset) else None)
         self._loader = DataLoader(_Uint8View(dataset, augment), batch_sampler=_ShardBatchSampler(self),
                                   num_workers=num_workers, pin_memory=device.type == "cuda")
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in self._loader:
             x = x.to(self.device, non_blocking=True)
-            if self._normalize:
-                x = normalize(x, self.dataset.mean, self.dataset.std)  # type: ignore[attr-defined]
+            if self._affine is not None:
+                x = normalize(x, self._affine)
             yield x, torch.as_tensor(y, dtype=torch.int64).to(self.device, non_blocking=True)
         self.epoch += 1
 

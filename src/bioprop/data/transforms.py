@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 __all__ = [
-    "AUGMENTATIONS", "draw_crop_flip", "crop_flip", "normalize", "random_resized_crop", "resize_shorter",
+    "AUGMENTATIONS", "draw_crop_flip", "crop_flip", "normalize", "affine_normalization", "random_resized_crop", "resize_shorter",
     "center_crop", "pil_to_tensor",
 ]
 
@@ -45,7 +45,7 @@ def draw_crop_flip(n: int, *, padding: int, crop: bool, flip: bool, generator: t
     return offsets, flips
 
 
-def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> Tensor:
+def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor | None, padding: int) -> Tensor:
     """Batched random crop with zero padding, then horizontal flip.
 
     Each image is padded by ``padding`` zeros on every side and the (H, W) window at ``offsets[i]`` is kept,
@@ -54,7 +54,7 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> T
     Args:
         images: (B, C, H, W) any dtype, on any device.
         offsets: (B, 2) int64 (top, left) in ``[0, 2·padding]``.
-        flips: (B,) bool.
+        flips: (B,) bool, or None for no flips.
         padding: zeros added on each side.
 
     Returns:
@@ -62,7 +62,7 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> T
     """
     b, c, h, w = images.shape
     device = images.device
-    offsets, flips = offsets.to(device), flips.to(device)
+    offsets = offsets.to(device)
     if padding > 0:
         padded = images.new_zeros((b, c, h + 2 * padding, w + 2 * padding))
         padded[:, :, padding:padding + h, padding:padding + w] = images
@@ -72,18 +72,29 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor, padding: int) -> T
         batch = torch.arange(b, device=device)[:, None, None, None]
         chan = torch.arange(c, device=device)[None, :, None, None]
         images = padded[batch, chan, rows[:, None, :, None], cols[:, None, None, :]]
-    if bool(flips.any()):
-        images = torch.where(flips[:, None, None, None], images.flip(3), images)
+    if flips is not None:  # no data-dependent branch: a CUDA batch never waits for the host
+        images = torch.where(flips.to(device)[:, None, None, None], images.flip(3), images)
     return images
 
 
-def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """uint8 (B, C, H, W) -> float32 ``(x / 255 − mean) / std`` per channel, in one fused multiply-add."""
-    shape = (1, -1, 1, 1) if images.dim() == 4 else (-1, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).reshape(shape)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).reshape(shape)
-    scale = 1.0 / (255.0 * std_t)
-    return torch.addcmul(-mean_t / std_t, images.to(torch.float32), scale)
+def affine_normalization(mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"
+                         ) -> tuple[Tensor, Tensor]:
+    """``(shift, scale)``, each (1, C, 1, 1) float32, with ``(x / 255 − mean) / std = shift + x · scale``."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+    return -mean_t / std_t, 1.0 / (255.0 * std_t)
+
+
+def normalize(images: Tensor, affine: tuple[Tensor, Tensor]) -> Tensor:
+    """uint8 (B, C, H, W) or (C, H, W) -> float32 ``shift + x · scale`` (see :func:`affine_normalization`).
+
+    One fused multiply-add reads the uint8 values directly (type promotion does the conversion), so a batch
+    costs a single pass.
+    """
+    shift, scale = affine
+    if images.dim() == 3:
+        shift, scale = shift[0], scale[0]
+    return torch.addcmul(shift, images, scale)
 
 
 # ------------------------------------------------------------------------------------------ PIL transforms

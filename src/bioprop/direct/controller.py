@@ -36,7 +36,7 @@ class _Record:
     """What the markers (and, for ifa, the blocks' first layers) saw during one forward pass."""
 
     marked: list[tuple[DirectFeedback, Tensor]] = field(default_factory=list)
-    entry_outputs: dict[int, Tensor] = field(default_factory=dict)
+    entry_outputs: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # id(layer): (output, version)
 
 
 class _RootPreHook:
@@ -81,7 +81,7 @@ class _EntryHook:
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
         stack = self.controller.stack
         if stack and isinstance(output, Tensor) and output.requires_grad and not self.controller.exact:
-            stack[-1].entry_outputs[id(module)] = output
+            stack[-1].entry_outputs[id(module)] = (output, output._version)
 
 
 class _Relay:
@@ -260,10 +260,15 @@ class Controller:
         relays: list[_Relay | None] = [None]
         for index, (marker, h) in enumerate(zip(markers, hidden)):
             entry = marker.__dict__["_entry_module"]
-            pre = record.entry_outputs.get(id(entry))
-            if pre is None:
+            captured = record.entry_outputs.get(id(entry))
+            if captured is None:
                 raise ValueError(f"ifa: the first layer of the block marked by {marker.feedback_name!r} did not run "
                                  "with gradients in this forward pass")
+            pre, version = captured
+            if pre._version != version:
+                raise ValueError(f"ifa reads the output of each block's first layer, but the block marked by "
+                                 f"{marker.feedback_name!r} modifies it in place (e.g. ReLU(inplace=True)); use the "
+                                 "out-of-place op")
             if pre.shape[:bd] != h.shape[:bd] or _prod(pre.shape[bd:]) != sizes[index]:
                 raise ValueError(f"ifa needs each block to keep its size from its first layer to its marker (only "
                                  f"elementwise ops, normalisation, dropout or reshapes in between, no pooling); the "

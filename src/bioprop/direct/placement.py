@@ -43,7 +43,7 @@ class Placement:
         leaf_name: its name.
         entry: the block's first layer (its forward layer).
         entry_name: its name.
-        block: names of the modules in the block, first layer first.
+        block: the modules in the block as ``"name (Type)"``, first layer first.
     """
 
     name: str
@@ -114,7 +114,7 @@ def auto_placements(model: nn.Module, exclude: Sequence[str | type]) -> tuple[li
         placements.append(Placement(f"{leaf_name}.direct_feedback", leaf, leaf_name,
                                     entry if isinstance(entry, FORWARD_TYPES) else None,
                                     entry_name if isinstance(entry, FORWARD_TYPES) else None,
-                                    [name for name, _ in block]))
+                                    [f"{name} ({type(module).__name__})" for name, module in block]))
     if not placements:
         raise ValueError("found no hidden block to mark: the model needs a Linear/Conv layer followed by a "
                          "nonlinearity before its output layer (or every hidden block was excluded)")

@@ -113,9 +113,14 @@ class IndirectProjection(torch.autograd.Function):
             # δa of the block below, through that block's own ops (a local backward that stops at its first
             # layer's output, touching no parameter); autograd repeats these cheap elementwise steps afterwards
             # when it runs the whole block, with the same signal.
-            (delta,) = torch.autograd.grad(hidden[index - 1], plan.pre_activations[index - 1], grads[-1],
-                                           retain_graph=True, create_graph=torch.is_grad_enabled())
-            signal = plan.relays[index](delta).view(hidden[index].shape)  # type: ignore[misc]
+            try:
+                (delta,) = torch.autograd.grad(hidden[index - 1], plan.pre_activations[index - 1], grads[-1],
+                                               retain_graph=True, create_graph=torch.is_grad_enabled())
+            except RuntimeError as error:
+                raise RuntimeError(f"ifa: the output of the block marked by {plan.markers[index - 1].feedback_name!r} "
+                                   "does not depend on the output of the layer named as its entry; check "
+                                   f"DirectFeedback(entry=...) ({error})") from error
+            signal = plan.relays[index](delta).reshape(hidden[index].shape)  # type: ignore[misc]
             plan.markers[index].store_signal(signal)
             grads.append(signal)
         return (grad_output, None, None, *grads)

@@ -46,17 +46,15 @@ class _DirectBase(DirectRule):
         if last_layer not in (None, "backprop"):
             raise ValueError(f"{self.name} always trains the output layer with its exact gradient; last_layer may "
                              f"only be None or 'backprop', got {last_layer!r}")
-        stash: Controller | None = model.__dict__.pop(STASH_ATTR, None)
+        summary = ConversionSummary(self.name, self.options(), seed)
+        placements, output_name = self._placements(model, exclude, summary)  # raises before anything changes
         if any(isinstance(m, FeedbackLayer) for m in model.modules()):
-            # inside a block autograd is exact: give the layers back their native op
+            # inside a block autograd is exact: give the layers back their native op (new objects, so place again)
             from ..convert import convert
             model = convert(model, "backprop")
-        summary = ConversionSummary(self.name, self.options(), seed)
-        explicit = explicit_markers(model)
-        if explicit:
-            placements, output_name = self._explicit(model, explicit, exclude, summary), None
-        else:
-            placements, output_name = auto_placements(model, exclude)
+            summary = ConversionSummary(self.name, self.options(), seed)
+            placements, output_name = self._placements(model, exclude, summary)
+        stash: Controller | None = model.__dict__.pop(STASH_ATTR, None)
         same = stash is not None and stash.config == config_key(self, seed, exclude)
         previous = {name: marker for name, marker in stash.markers} if same else {}  # type: ignore[union-attr]
         markers: list[tuple[str, DirectFeedback]] = []
@@ -71,14 +69,9 @@ class _DirectBase(DirectRule):
                 if marker is None:
                     marker = DirectFeedback(entry=placement.entry_name)
                 auto.append((placement.leaf, marker))  # type: ignore[arg-type]
-            if self.indirect and placement.entry is None:
-                raise ValueError(f"ifa sends the error forward through the first layer of each block, but the block "
-                                 f"marked by {placement.name!r} does not start with an nn.Linear/nn.Conv layer"
-                                 + ("" if placement.leaf is not None else
-                                    "; name it with DirectFeedback(entry='<layer name>')"))
             marker.__dict__["_entry_module"] = placement.entry
             markers.append((placement.name, marker))
-            summary.converted.append((placement.name, "DirectFeedback (block: " + ", ".join(placement.block) + ")",
+            summary.converted.append((placement.name, "DirectFeedback, block: " + ", ".join(placement.block),
                                       self.name))
         controller = Controller(self, seed, exclude, markers, auto)
         controller.attach(model)
@@ -89,6 +82,21 @@ class _DirectBase(DirectRule):
                                  "output layer: exact gradient"))
         object.__setattr__(model, "_bioprop_summary", summary)
         return model
+
+    def _placements(self, model: nn.Module, exclude: tuple, summary: ConversionSummary
+                    ) -> tuple[list[Placement], str | None]:
+        explicit = explicit_markers(model)
+        if explicit:
+            placements, output_name = self._explicit(model, explicit, exclude, summary), None
+        else:
+            placements, output_name = auto_placements(model, exclude)
+        for placement in placements:
+            if self.indirect and placement.entry is None:
+                raise ValueError(f"ifa sends the error forward through the first layer of each block, but the block "
+                                 f"marked by {placement.name!r} does not start with an nn.Linear/nn.Conv layer"
+                                 + ("" if placement.leaf is not None else
+                                    "; name it with DirectFeedback(entry='<layer name>')"))
+        return placements, output_name
 
     def _explicit(self, model: nn.Module, explicit: list[tuple[str, DirectFeedback]], exclude: tuple,
                   summary: ConversionSummary) -> list[Placement]:
@@ -108,7 +116,8 @@ class _DirectBase(DirectRule):
                     raise ValueError(f"marker {name!r} names entry {marker.entry!r}, a {type(entry).__name__}; the "
                                      "entry must be the block's first nn.Linear/nn.Conv layer")
             placements.append(Placement(name, None, name, entry, marker.entry,
-                                        [marker.entry or "?", name]))
+                                        [f"{marker.entry} ({type(entry).__name__}) ... {name}" if entry is not None
+                                         else f"written in at {name}"]))
         if not placements:
             raise ValueError("every DirectFeedback marker of the model is excluded: nothing to train directly")
         return placements

@@ -148,7 +148,7 @@ class _Run:
 
     def _build(self, checkpoint: dict[str, Any] | None) -> None:
         import bioprop
-        from ..data import create_loader, load_dataset
+        from ..data import DatasetError, create_loader, load_dataset
         from ..models import create_model
         from ..optim import create_constraint
 
@@ -159,10 +159,15 @@ class _Run:
         seed_everything(config.seed)
 
         root = config.data_root or None
-        split_train = load_dataset(config.dataset, split="train", root=root, val_size=config.val_size)
-        split_test = load_dataset(config.dataset, split="test", root=root, val_size=config.val_size)
-        split_val = (load_dataset(config.dataset, split="val", root=root, val_size=config.val_size)
-                     if config.val_size > 0 else None)
+        try:
+            split_train = load_dataset(config.dataset, split="train", root=root, val_size=config.val_size)
+            split_test = load_dataset(config.dataset, split="test", root=root, val_size=config.val_size)
+            split_val = (load_dataset(config.dataset, split="val", root=root, val_size=config.val_size)
+                         if config.val_size > 0 else None)
+        except DatasetError:
+            raise
+        except ValueError as err:  # a bad data option (val_size too large ...), not missing data
+            raise ConfigError("val_size" if "val_size" in str(err) else "dataset", str(err)) from None
         num_classes, in_channels, image_size = _dataset_shape(split_train)
         self.num_classes = num_classes
 
@@ -182,8 +187,11 @@ class _Run:
         if self.steps_per_epoch == 0:
             raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set")
 
-        model = create_model(config.model, num_classes=num_classes, in_channels=in_channels,
-                             image_size=image_size, **config.model_args)
+        try:
+            model = create_model(config.model, num_classes=num_classes, in_channels=in_channels,
+                                 image_size=image_size, **config.model_args)
+        except (TypeError, ValueError) as err:  # an unknown or bad keyword in model_args
+            raise ConfigError("model_args", f"model_args of {config.model!r}: {err}") from None
         model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
                                 **config.rule_options)
         model.to(device)

@@ -56,7 +56,7 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, paper: str, num_classes: int, in_channels: int, image_size: int,
+def register_model(name: str, *, paper: str = "", num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
                    min_image_size: int = 1) -> Callable[[F], F]:
     """Decorator registering a builder ``fn(num_classes, in_channels, image_size, *, options...)``.
 
