@@ -14,6 +14,7 @@ reported, so the slow drift of a shared machine cancels.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -81,8 +82,8 @@ def main() -> None:
             times["engine_analysis"].append(engine_epoch(dataset, Path(tmp) / "a", metrics_every=200, seed=pair))
             print(f"round {pair + 1}/{args.pairs}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
                   flush=True)
-    ratio = {k: statistics.median(t / l for t, l in zip(times[k], times["loop"])) for k in ("engine",
-                                                                                          "engine_analysis")}
+    ratio = {k: statistics.median(t / floor for t, floor in zip(times[k], times["loop"]))
+             for k in ("engine", "engine_analysis")}
     rows = [("hand-written loop", statistics.median(times["loop"]), 1.0),
             ("engine (`metrics_every = 0`)", statistics.median(times["engine"]), ratio["engine"]),
             ("engine, default analysis log (`metrics_every = 200`)", statistics.median(times["engine_analysis"]),
@@ -94,8 +95,8 @@ def main() -> None:
             f"Command: `{command.strip()}`\n\n"
             f"2x800 tanh MLP, backprop, {dataset}{note} ({len(labels)} training images), batch {BATCH}, SGD "
             f"momentum {MOMENTUM}, CPU with {args.threads} torch thread(s), {args.pairs} alternating rounds; "
-            f"torch {torch.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}"
-            f" ({__import__('os').cpu_count()} cores).\n\n{table}\n\n"
+            f"torch {torch.__version__}, Python {platform.python_version()}, "
+            f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores).\n\n{table}\n\n"
             f"Target: the engine at most 1.1x the loop. The engine's extra work per step is setting the scheduled lr, "
             f"the running loss/accuracy sums and, every `log_every` steps, one read of them (NaN check, metrics "
             f"record). The analysis log runs `bioprop.metrics.training_metrics` (a shadow backward) every 200 "

@@ -17,8 +17,9 @@ the sum of its segments and the speed-up is the median of the per-segment paired
 
 Usage::
 
-    python benchmarks/loader_speed.py --threads 1          # writes docs/perf_data.md
-    python benchmarks/loader_speed.py --epochs 1 --out -   # print only
+    python benchmarks/loader_speed.py --threads 1            # writes docs/perf_data.md
+    python benchmarks/loader_speed.py --append               # adds a section with torch's default threads
+    python benchmarks/loader_speed.py --epochs 1 --out -     # print only
 """
 from __future__ import annotations
 
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--load-runs", type=int, default=5, help="fresh processes for the cache load time")
     parser.add_argument("--out", default=str(ROOT / "docs" / "perf_data.md"), help="Markdown file, or - for stdout")
+    parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,7 +163,7 @@ def main() -> None:
                f"--batch-size {args.batch_size}" + (f" --threads {args.threads}" if args.threads else ""))
     load_avg = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
-        "## Data loading",
+        f"## Data loading ({torch.get_num_threads()} intra-op thread{'s' if torch.get_num_threads() > 1 else ''})",
         "",
         f"Command: `{command}`, on MNIST from the data cache (written by `bioprop data get mnist`).",
         f"Machine: {platform.machine()}, {os.cpu_count()} logical CPUs, torch {torch.__version__} with "
@@ -188,7 +190,8 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out != "-":
-        Path(args.out).write_text(text)
+        previous = Path(args.out).read_text() + "\n" if args.append and Path(args.out).is_file() else ""
+        Path(args.out).write_text(previous + text)
         print(f"wrote {args.out}")
 
 

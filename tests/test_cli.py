@@ -62,8 +62,12 @@ def test_train_end_to_end_writes_the_run_directory(trained_run, capsys):
 def test_resume_from_the_command_line_continues_the_run(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert main(["train", *TINY, "--rule", "fa", "--epochs", "1", "--output-dir", out]) == 0
-    assert main(["train", *TINY, "--rule", "fa", "--epochs", "2", "--output-dir", out, "--resume"]) == 0
+    # only the run directory and what changes need to be given again; the rest comes from its config.json
+    assert main(["train", "--epochs", "2", "--output-dir", out, "--resume", "--no-progress"]) == 0
     assert "done: test error" in capsys.readouterr().out
+    assert json.loads((Path(out) / "config.json").read_text())["rule"] == "fa"
+    assert main(["train", "--epochs", "3", "--output-dir", out, "--resume", "--lr", "0.5"]) == 2
+    assert "other settings (lr: checkpoint 0.05, now 0.5)" in error_line(capsys)
     records = read_records(Path(out) / "metrics.jsonl")
     assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [1, 2]
     assert [r["event"] for r in records if r["kind"] == "event"] == ["resume"]

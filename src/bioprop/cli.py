@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, key, kind, help_text in TRAIN_FLAGS:
         train.add_argument(flag, dest=key, type=kind, default=None, metavar=key.upper(), help=help_text)
     train.add_argument("--resume", action="store_true", default=None,
-                       help="continue the run in --output-dir from its checkpoint.pt, exactly as if never stopped")
+                       help="continue the run in --output-dir from its checkpoint.pt, exactly as if never stopped; "
+                            "settings not given again are taken from the run's config.json")
     train.add_argument("--overwrite", action="store_true", default=None,
                        help="start over in an --output-dir that already holds a run")
     train.add_argument("--no-progress", dest="progress", action="store_false", default=None,
@@ -141,7 +142,17 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, str
         key, value = parse_override(text)
         apply_override(values, key, value, source)
         sources[key.partition(".")[0]] = source
-    return config_from_dict(values, sources), sources
+    config = config_from_dict(values, sources)
+    if config.resume:
+        # Resuming needs only --output-dir (and what should change, such as --epochs): the rest comes from the
+        # run's own config.json. The engine still refuses values that differ from the checkpoint's.
+        saved_path = config.resolved_output_dir() / "config.json"
+        if saved_path.is_file():
+            import json
+            saved = {k: v for k, v in json.loads(saved_path.read_text()).items() if k not in ("resume", "overwrite")}
+            base = config_from_dict(saved, {k: str(saved_path) for k in saved})
+            config = config_from_dict(values, sources, base=base)
+    return config, sources
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -246,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingDiverged, CheckpointError) as err:
         return _error(str(err), 1)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; the last epoch's checkpoint is kept (continue with --resume)", file=sys.stderr)
+        training = "args" in locals() and getattr(args, "command", None) == "train"
+        hint = "; the last epoch's checkpoint is kept (continue with --resume)" if training else ""
+        print(f"{PROG}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as err:
         data_error = _data_error_type()

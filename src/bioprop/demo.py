@@ -15,6 +15,7 @@ import math
 import multiprocessing
 import os
 import sys
+import textwrap
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 __all__ = ["run_demo", "DEMO_RULES", "DemoSetting", "SETTINGS"]
 
 DEMO_RULES = ("backprop", "fa", "usf", "dfa")
+DATASET_TITLES = {"mnist": "MNIST", "digits": "the 8x8 digits"}
 RULE_TITLES = {"backprop": "backprop (BP)", "fa": "feedback alignment (FA)", "usf": "sign symmetry (uSF)",
                "dfa": "direct FA (DFA)"}
 
@@ -98,13 +100,16 @@ def run_demo(dataset: str = "mnist", epochs: int | None = None, output_dir: str 
     n_test = len(data.load_dataset(dataset, split="test", root=data_root))
     steps_total = epochs * (n_train // setting.batch_size)
 
-    print(f"bioprop demo: 2x800 tanh MLP on {dataset} ({n_train} train / {n_test} test images), {epochs} epochs "
+    print(f"bioprop demo: 2x800 tanh MLP on {DATASET_TITLES[dataset]} ({n_train} train / {n_test} test images), "
+          f"{epochs} epochs "
           f"per rule, {setting.optimizer} lr {setting.lr:g} ({setting.schedule} schedule), batch "
           f"{setting.batch_size}", flush=True)
     print("rules: " + ", ".join(RULE_TITLES.get(r, r) for r in rules), flush=True)
 
     start = time.perf_counter()
     configs = {rule: _run_config(dataset, rule, setting, epochs, out, data_root) for rule in rules}
+    for config in configs.values():
+        _clear_old_run(Path(config["output_dir"]))
     if workers == 0:  # one after the other in this process, with the epoch lines of `bioprop train`
         from .engine import config_from_dict, train
         summaries = {}
@@ -137,9 +142,10 @@ def run_demo(dataset: str = "mnist", epochs: int | None = None, output_dir: str 
         print(f"(no HTML report: {err})")
         report = None
     else:
-        report = write_report(run_dirs, out, title=f"bioprop demo: BP, FA, uSF and DFA on {dataset}")
+        title = f"bioprop demo: BP, FA, uSF and DFA on {DATASET_TITLES[dataset]}"
+        report = write_report(run_dirs, out, title=title)
     print(f"\nResults in {out}/")
-    print(f"  results.md        the table above")
+    print("  results.md        the table above")
     if report is not None:
         print(f"  {report.name:<17} figures: learning curves, alignment angles, weight statistics")
         for png in sorted(out.glob("fig-*.png")):
@@ -182,11 +188,20 @@ def _watch(futures: dict[str, Future], run_dirs: dict[str, Path], steps_total: i
         bar.close()
 
 
+def _clear_old_run(run_dir: Path) -> None:
+    """Remove the demo's own run directory from an earlier demo, so that its log is not read as this run's."""
+    if (run_dir / "config.json").is_file():
+        for name in ("metrics.jsonl", "checkpoint.pt", "best.pt", "final.json", "config.json"):
+            (run_dir / name).unlink(missing_ok=True)
+
+
 def _new_records(path: Path, offsets: dict[str, int], key: str) -> list[dict[str, Any]]:
     """Complete lines appended to ``path`` since the last call (a line being written is left for later)."""
     if not path.exists():
         return []
     with path.open("rb") as fh:
+        if fh.seek(0, 2) < offsets[key]:  # the file was started again: read it from the top
+            offsets[key] = 0
         fh.seek(offsets[key])
         chunk = fh.read()
     end = chunk.rfind(b"\n") + 1
@@ -223,23 +238,26 @@ def _angles(values: dict[str, Any]) -> str:
 
 def _format_table(rows: list[dict[str, Any]]) -> str:
     reference = rows[0]["test_error"] if rows and rows[0]["rule"] == "backprop" else None
-    header = ("rule", "test error", "vs BP", "angle W,B (deg)", "angle update,BP grad (deg)", "train time")
+    header = ("rule", "test error", "vs BP", "angle W,B (deg)", "angle update,BP grad (deg)")
     lines = []
     for row in rows:
         gap = "" if reference is None or row["rule"] == "backprop" else f"{row['test_error'] - reference:+.2f}"
         lines.append((row["rule"], f"{row['test_error']:.2f}%", gap, _angles(row["alignment_w_b"]),
-                      _angles(row["update_vs_backprop"]), f"{row['wall_time_s']:.0f} s"))
+                      _angles(row["update_vs_backprop"])))
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*line) for line in lines]
-    out.append("angles per layer, input side first; angle update,BP grad: how far each layer's update is from the "
-               "backprop gradient on the same batch (0 = backprop, < 90 = still a descent direction)")
+    out = [fmt.format(*line).rstrip() for line in [header, tuple("-" * w for w in widths), *lines]]
+    note = ("Angles per layer, input side first (90 = unrelated). W,B: forward weight against the feedback "
+            "weight the layer sends its error through (the first layer's B is never used, so it stays near 90). "
+            "update,BP grad: the rule's weight update against the backprop gradient on the same batch "
+            "(0 = backprop; below 90 the update still descends the loss).")
+    out += ["", textwrap.fill(note, width=100)]
     return "\n".join(out)
 
 
 def _markdown(rows: list[dict[str, Any]], dataset: str, epochs: int, setting: DemoSetting, wall: float) -> str:
     reference = rows[0]["test_error"] if rows and rows[0]["rule"] == "backprop" else None
-    lines = [f"# bioprop demo: 2x800 tanh MLP on {dataset}", "",
+    lines = [f"# bioprop demo: 2x800 tanh MLP on {DATASET_TITLES[dataset]}", "",
              f"{epochs} epochs per rule, {setting.optimizer} lr {setting.lr:g} ({setting.schedule}), batch "
              f"{setting.batch_size}, seed 0; {wall / 60:.1f} min for all runs.", "",
              "| rule | test error (%) | vs BP (pp) | angle W,B per layer (deg) | angle update, BP gradient per layer "

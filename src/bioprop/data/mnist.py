@@ -157,8 +157,12 @@ class IdxSource(DataSource):
     def fetch(self, root: Path) -> Path:
         cache = self.cache_path(root)
         if cache.is_file() and _sidecar(cache).is_file():
-            self._read_cache(cache, "test")  # verifies the checksum
-            return cache
+            try:
+                self._read_cache(cache, "test")  # verifies the checksum
+                return cache
+            except DatasetCorruptError:  # the cache is derived data: rebuild it from the sources below
+                cache.unlink()
+                _sidecar(cache).unlink()
         failures: list[str] = []
         folder = self.find_idx(root)
         if folder is not None:

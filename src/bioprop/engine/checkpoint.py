@@ -16,7 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "check_same_run", "CheckpointError"]
+
+#: options that may differ between an interrupted run and its resumption; every other one must match
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epochs", "progress", "verbose", "tensorboard", "num_workers",
+                               "data_root", "device", "eval_every", "log_every", "metrics_every"})
 
 
 class CheckpointError(RuntimeError):
@@ -86,3 +90,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
+
+
+def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Refuse to resume a checkpoint under other settings, which would silently mix two different runs.
+
+    Args:
+        saved: the config stored in the checkpoint.
+        current: the config of the resuming run.
+        path: the checkpoint (for the message).
+
+    Raises:
+        ConfigError: listing each differing key with both values.
+    """
+    from .config import ConfigError
+    changed = [k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
+    if changed:
+        diffs = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in changed)
+        raise ConfigError("resume", f"{path} was written by a run with other settings ({diffs}); resume with the "
+                                    "same settings or start a new --output-dir")

@@ -209,6 +209,11 @@ def check_values(config: TrainConfig) -> None:
     for name in config.constraints:
         if not isinstance(name, str) or name.strip().lower() not in (*list_constraints(), "const", "ei", "e/i"):
             raise ConfigError("constraints", f"unknown constraint {name!r}; allowed: {', '.join(list_constraints())}")
+    if config.tensorboard:
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("tensorboard", "tensorboard = true needs the tensorboard package: pip install "
+                                             "tensorboard")
     _check_registry("dataset", config.dataset, "bioprop.data", "list_datasets")
     _check_registry("model", config.model, "bioprop.models", "list_models")
 

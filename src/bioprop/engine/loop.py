@@ -18,7 +18,6 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -26,10 +25,12 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as dist_utils
-from .build import LossFn, build_loss, build_optimizer, lr_factor
-from .checkpoint import CheckpointError, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .build import build_loss, build_optimizer, lr_factor
+from .checkpoint import (CheckpointError, check_same_run, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state)
 from .config import ConfigError, TrainConfig, check_values
-from .runlog import MetricsLog, TensorBoardLog, progress
+from .evaluation import RunningSums, evaluate
+from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT"]
 
@@ -94,32 +95,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, *, device: torch.device, amp: bool = False,
-             channels_last: bool = False, env: dist_utils.DistEnv = dist_utils.DistEnv()) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy over a loader, summed over all processes' shards.
-
-    Returns:
-        ``{"loss", "acc", "top5", "error"}``: mean loss, accuracies as fractions, top-1 error in %.
-    """
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss·n, correct@1, correct@5, n
-    for x, y in loader:
-        if channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(x)  # (B, K)
-        k = min(5, logits.shape[1])
-        topk = logits.float().topk(k, dim=1).indices  # (B, k)
-        hits = topk.eq(y[:, None])  # (B, k)
-        sums += torch.stack([loss_fn(logits, y).double() * y.numel(), hits[:, 0].sum().double(),
-                             hits.any(dim=1).sum().double(), torch.tensor(float(y.numel()), device=device,
-                                                                            dtype=torch.float64)])
-    loss_sum, c1, c5, n = dist_utils.all_reduce_sum(sums, env).tolist()
-    n = max(n, 1.0)
-    return {"loss": loss_sum / n, "acc": c1 / n, "top5": c5 / n, "error": 100.0 * (1.0 - c1 / n)}
-
-
 class _Run:
     """The state of one training run; :meth:`run` is the whole of it."""
 
@@ -139,7 +114,7 @@ class _Run:
             if checkpoint.get("format") != CHECKPOINT_FORMAT:
                 raise CheckpointError(f"{ckpt_path} has checkpoint format {checkpoint.get('format')!r}; this "
                                       f"version reads format {CHECKPOINT_FORMAT}")
-            _check_same_run(checkpoint["config"], config, ckpt_path)
+            check_same_run(checkpoint["config"], config.to_dict(), ckpt_path)
             return checkpoint
         if self.main and ckpt_path.exists() and not config.overwrite:
             raise ConfigError("output_dir", f"{self.out} already holds a run (checkpoint.pt); pass --resume to "
@@ -205,7 +180,9 @@ class _Run:
         self.constraints = [create_constraint(name, model) for name in config.constraints]
         self.optimizer = build_optimizer(config, model)
         self.loss_fn = build_loss(config.loss, num_classes)
-        self.uses_mirror = any(getattr(getattr(m, "rule", None), "name", "") == "wm" for m in model.modules())
+        uses_mirror = any(getattr(getattr(m, "rule", None), "name", "") == "wm" for m in model.modules())
+        from ..mirror import mirror_step
+        self.mirror_step = mirror_step if uses_mirror else None  # weight mirrors learn B between batches
 
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.best: dict[str, Any] = {"error": math.inf, "epoch": 0, "test_error": math.inf}
@@ -285,13 +262,13 @@ class _Run:
         seed_everything(epoch_seed(config.seed, epoch, env.rank))
         self.train_loader.set_epoch(epoch)
         self.train_model.train()
-        flush_every = config.log_every or 50  # also how often NaN/inf is looked for
-        epoch_sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct, n
-        window = torch.zeros(3, dtype=torch.float64, device=device)
+        read_every = config.log_every or 50  # also how often NaN/inf is looked for
+        totals = [0.0, 0.0, 0.0]  # loss·n, correct, n over the epoch, all processes
+        window = RunningSums(device, self.step)
         bar = progress(self.train_loader, enabled=config.progress and self.main, total=self.steps_per_epoch,
                        desc=f"epoch {epoch}/{config.epochs}")
-        start = window_start = time.perf_counter()
-        window_first = self.step + 1
+        start = time.perf_counter()
+        lr = config.lr
         for x, y in bar:
             # x: (B/N, C, H, W) normalised on device; y: (B/N,) int64
             lr = config.lr * lr_factor(config, self.step, self.steps_per_epoch)
@@ -307,35 +284,29 @@ class _Run:
             self.optimizer.step()
             for constraint in self.constraints:
                 constraint()
-            if self.uses_mirror:
-                from ..mirror import mirror_step
-                mirror_step(self.model, step=self.step, seed=config.seed)
+            if self.mirror_step is not None:
+                self.mirror_step(self.model, step=self.step, seed=config.seed)
             self.step += 1
-            with torch.no_grad():
-                correct = (logits.argmax(dim=1) == y).sum()
-                window += torch.stack([loss.detach().double() * y.numel(), correct.double(),
-                                       torch.tensor(float(y.numel()), dtype=torch.float64, device=device)])
-            if self.step % flush_every == 0:
-                self._flush_window(window, epoch_sums, epoch, lr, window_first, time.perf_counter() - window_start,
-                                   bar)
-                window_start, window_first = time.perf_counter(), self.step + 1
+            window.add(loss, logits, y)
+            if self.step % read_every == 0:
+                self._read_window(window, totals, epoch, lr, bar)
             if config.metrics_every and self.step % config.metrics_every == 0 and self.main:
                 self._analysis(epoch, x, y)
             if self.on_step is not None:
                 self.on_step(StepInfo(epoch, self.step, loss.detach(), self.model, self.optimizer))
         bar.close()
-        if window[2] > 0 or env.distributed:
-            self._flush_window(window, epoch_sums, epoch, lr, window_first, time.perf_counter() - window_start,
-                               None, write=False)
+        if window.count or env.distributed:  # every process reads, so the reduction always pairs up
+            self._read_window(window, totals, epoch, lr, None, write=False)
         train_time = time.perf_counter() - start
-        self._end_epoch(epoch, epoch_sums, train_time)
+        self._end_epoch(epoch, totals, train_time)
 
-    def _flush_window(self, window: Tensor, epoch_sums: Tensor, epoch: int, lr: float, first_step: int,
-                      seconds: float, bar: Any, write: bool = True) -> None:
-        """Reduce the running sums over processes, stop on NaN/inf, write a "train" record."""
-        loss_sum, correct, n = dist_utils.all_reduce_sum(window, self.env).tolist()
-        epoch_sums += torch.tensor([loss_sum, correct, n], dtype=torch.float64, device=epoch_sums.device)
-        window.zero_()
+    def _read_window(self, window: RunningSums, totals: list[float], epoch: int, lr: float, bar: Any,
+                     write: bool = True) -> None:
+        """Reduce the window's sums over processes, stop on NaN/inf, write a "train" record."""
+        first_step, seconds = window.first_step, window.seconds()
+        loss_sum, correct, n = window.read(self.env, self.step)
+        for i, value in enumerate((loss_sum, correct, n)):
+            totals[i] += value
         if not math.isfinite(loss_sum):
             self._diverged(epoch, f"the loss became {loss_sum} between steps {first_step} and {self.step}")
         if n == 0:
@@ -368,11 +339,11 @@ class _Run:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         self._write({"kind": "analysis", "epoch": epoch, "step": self.step, "time_s": seconds,
-                     "metrics": _plain(values)})
+                     "metrics": jsonable(values)})
 
-    def _end_epoch(self, epoch: int, epoch_sums: Tensor, train_time: float) -> None:
+    def _end_epoch(self, epoch: int, totals: list[float], train_time: float) -> None:
         config = self.config
-        loss_sum, correct, n = epoch_sums.tolist()
+        loss_sum, correct, n = totals
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             self._diverged(epoch, "the weights became NaN or infinite")
         record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": self.step,
@@ -398,7 +369,7 @@ class _Run:
                              "val_error": record.get("val_error")})
         self._write(record)
         if self.main and config.verbose:
-            print(_epoch_line(record, config.epochs), flush=True)
+            print(epoch_line(record, config.epochs), flush=True)
 
         selected = record.get("val_error") if self.val_loader is not None else record["test_error"]
         improved = selected is not None and selected < self.best["error"]
@@ -429,7 +400,7 @@ class _Run:
             "output_dir": str(self.out),
         }
         if self.main:
-            (self.out / "final.json").write_text(json.dumps(_plain(summary), indent=2) + "\n")
+            (self.out / "final.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
         return summary
 
 
@@ -444,45 +415,3 @@ def _dataset_shape(dataset: Any) -> tuple[int, int, int]:
         return num_classes, int(images.shape[1]), int(images.shape[-1])
     x = dataset[0][0]  # (C, H, W)
     return num_classes, int(x.shape[0]), int(x.shape[-1])
-
-
-# Options that may differ between the interrupted run and its resumption; everything else must match.
-_RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "progress", "verbose", "tensorboard", "num_workers",
-                      "data_root", "device", "eval_every", "log_every", "metrics_every"}
-
-
-def _check_same_run(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    """Resuming with a different model, rule, data or optimisation would silently mix two runs; refuse."""
-    current = config.to_dict()
-    changed = [k for k in current if k not in _RESUMABLE_CHANGES and k in saved and saved[k] != current[k]]
-    if changed:
-        diffs = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {current[k]!r}" for k in changed)
-        raise ConfigError("resume", f"{path} was written by a run with other settings ({diffs}); resume with the "
-                                    "same settings or start a new --output-dir")
-
-
-def _plain(value: Any) -> Any:
-    """``value`` with tensors and NumPy scalars turned into Python numbers/lists (JSON-ready)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def _epoch_line(record: dict[str, Any], epochs: int) -> str:
-    parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}",
-             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
-    if record.get("val_error") is not None:
-        parts.append(f"val error {record['val_error']:.2f}%")
-    if record["test_error"] is not None:
-        parts.append(f"test error {record['test_error']:.2f}% (top-5 {100 * record['test_top5']:.2f}%)")
-    parts.append(f"{record['epoch_time_s']:.1f}s")
-    return " | ".join(parts)
-

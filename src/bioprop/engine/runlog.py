@@ -11,20 +11,38 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
-__all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records"]
+import numpy as np
+from torch import Tensor
+
+__all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records", "jsonable", "epoch_line"]
 
 T = TypeVar("T")
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf: non-finite floats are written as null."""
+def jsonable(value: Any) -> Any:
+    """``value`` ready for strict JSON: tensors and NumPy values become Python numbers or lists, and NaN/inf
+    (which JSON cannot hold) become null."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (Tensor, np.ndarray, np.generic)):
+        return jsonable(value.tolist())
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
     return value
+
+
+def epoch_line(record: dict[str, Any], epochs: int) -> str:
+    """The one-line summary of an "epoch" record printed after each epoch."""
+    parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}",
+             f"train loss {record['train_loss']:.4f} acc {100 * record['train_acc']:.2f}%"]
+    if record.get("val_error") is not None:
+        parts.append(f"val error {record['val_error']:.2f}%")
+    if record["test_error"] is not None:
+        parts.append(f"test error {record['test_error']:.2f}% (top-5 {100 * record['test_top5']:.2f}%)")
+    parts.append(f"{record['epoch_time_s']:.1f}s")
+    return " | ".join(parts)
 
 
 class MetricsLog:
@@ -55,7 +73,7 @@ class MetricsLog:
         """Append one record and flush it to the OS, so a kill loses at most the record being written."""
         if self._fh is None:
             return
-        self._fh.write(json.dumps(_clean(record), separators=(", ", ": ")) + "\n")
+        self._fh.write(json.dumps(jsonable(record), separators=(", ", ": ")) + "\n")
         self._fh.flush()
 
     def tell(self) -> int:
@@ -84,7 +102,7 @@ class TensorBoardLog:
     """TensorBoard scalars mirroring the metrics log (train loss/acc/lr, epoch metrics, analysis scalars).
 
     Raises:
-        RuntimeError: when enabled but the ``tensorboard`` package is not installed.
+        ConfigError: when enabled but the ``tensorboard`` package is not installed.
     """
 
     def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None) -> None:
@@ -94,8 +112,9 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise RuntimeError("tensorboard = true needs the tensorboard package: pip install tensorboard "
-                               "(or run without --set tensorboard=true)") from None
+            from .config import ConfigError
+            raise ConfigError("tensorboard", "tensorboard = true needs the tensorboard package: pip install "
+                                             "tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def record(self, record: dict[str, Any]) -> None:
