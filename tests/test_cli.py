@@ -204,3 +204,27 @@ def test_python_dash_m_runs_the_same_command_line():
     assert done.returncode == 2
     assert done.stderr.startswith("bioprop: error: --rule: unknown rule 'nope'; allowed rules: backprop")
     assert done.stdout == ""
+
+
+def test_demo_parallel_workers_follow_the_runs_through_their_logs(tmp_path, capsys):
+    from bioprop.demo import run_demo
+    out = tmp_path / "demo"
+    (out / "runs" / "fa").mkdir(parents=True)  # an earlier demo's run, whose old log must not be read as new
+    (out / "runs" / "fa" / "config.json").write_text("{}")
+    old_record = '{"kind": "epoch", "epoch": 9, "step": 1, "test_error": 1}\n'
+    (out / "runs" / "fa" / "metrics.jsonl").write_text(old_record * 50)
+    run_demo("digits", epochs=2, output_dir=out, rules=("backprop", "fa"), workers=2, progress=False)
+    printed = capsys.readouterr().out
+    assert "  fa        epoch 2/2: test error" in printed and "epoch 9" not in printed
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["rule"] for r in rows] == ["backprop", "fa"]
+    records = read_records(out / "runs" / "fa" / "metrics.jsonl", "epoch")
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert f"{records[-1]['test_error']:.2f}%" in printed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_asking_for_a_gpu_on_a_cpu_machine_is_a_one_line_error(tmp_path, capsys):
+    assert main(["train", *TINY, "--device", "cuda", "--output-dir", str(tmp_path / "r")]) == 2
+    assert error_line(capsys) == ("bioprop: error: --device: device 'cuda' asked for, but torch sees no CUDA GPU; "
+                                  "allowed here: auto, cpu")

@@ -2,6 +2,7 @@
 process that sees the whole global batch."""
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -61,6 +62,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             if rank == 0:
                 torch.save(gathered_final, os.path.join(out_dir, f"{rule}.pt"))
     finally:
+        # Drop the DDP reducers before the group: a reducer that outlives its group can deadlock at exit.
+        ddp = None  # noqa: F841
+        gc.collect()
         dist.destroy_process_group()
 
 

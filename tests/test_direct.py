@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import os
 import pickle
@@ -666,6 +667,9 @@ def ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             if rank == 0:
                 torch.save(gathered, os.path.join(out_dir, f"{rule}.pt"))
     finally:
+        # Drop the DDP reducers before the group: a reducer that outlives its group can deadlock at exit.
+        ddp = None  # noqa: F841
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                           description="The first thing to run: MNIST (fetched from a pinned archive, no internet "
                                       "needed) or the built-in 8x8 digits; a results table, figures and a report.")
     demo.add_argument("--dataset", choices=("mnist", "digits"), default="mnist",
-                      help="mnist (about 5 minutes on 2 CPU cores) or digits (under a minute); default mnist")
-    demo.add_argument("--epochs", type=int, default=None, help="epochs per rule (default: 4 on mnist, 20 on digits)")
+                      help="mnist (2-5 minutes on 2 CPU cores) or digits (under a minute); default mnist")
+    demo.add_argument("--epochs", type=int, default=None, help="epochs per rule (default: 6 on mnist, 15 on digits)")
     demo.add_argument("--output-dir", default="results/demo", help="results folder; default results/demo")
     demo.add_argument("--data-root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
     demo.add_argument("--workers", type=int, default=None,
@@ -167,7 +167,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         summary = train(config)
     except ConfigError as err:
         raise err.with_source(sources.get(err.key, "")) from None
-    print(f"done: test error {_pct(summary['final_test_error'])} after {summary['epochs']} epochs "
+    from .engine.distributed import detect
+    if not detect().is_main:  # under torchrun only rank 0 speaks
+        return 0
+    epochs = summary["epochs"]
+    print(f"done: test error {_pct(summary['final_test_error'])} after {epochs} epoch{'s' * (epochs != 1)} "
           f"(best {_pct(summary['best_test_error'])}); run in {summary['output_dir']}")
     return 0
 

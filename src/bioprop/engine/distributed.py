@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 __all__ = ["DistEnv", "detect", "setup", "teardown", "choose_device", "all_reduce_sum"]
 
 
@@ -38,7 +40,7 @@ def detect() -> DistEnv:
     """The rank environment set by ``torchrun`` (single process when it is absent).
 
     Raises:
-        ValueError: when the variables are set but inconsistent.
+        ConfigError: when the variables are set but inconsistent.
     """
     if "WORLD_SIZE" not in os.environ:
         return DistEnv()
@@ -47,9 +49,10 @@ def detect() -> DistEnv:
         rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError:
-        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (as torchrun sets them)") from None
+        raise ConfigError("", "the environment variables RANK, WORLD_SIZE and LOCAL_RANK must be integers (as "
+                              "torchrun sets them)") from None
     if not 0 <= rank < world_size:
-        raise ValueError(f"RANK={rank} is outside 0..WORLD_SIZE-1={world_size - 1}")
+        raise ConfigError("", f"the environment variable RANK={rank} is outside 0..WORLD_SIZE-1={world_size - 1}")
     return DistEnv(rank, world_size, local_rank)
 
 
@@ -57,16 +60,20 @@ def choose_device(name: str, env: DistEnv) -> torch.device:
     """The device for this process: ``auto`` picks this process's local GPU when there is one, else the CPU.
 
     Raises:
-        ValueError: ``cuda`` asked for on a machine without a usable GPU.
+        ConfigError: ``cuda`` asked for on a machine without a usable GPU.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use --set device=cpu")
+            raise ConfigError("device", f"device {name!r} asked for, but torch sees no CUDA GPU; allowed here: "
+                                        "auto, cpu")
+        count = torch.cuda.device_count()
         if name == "cuda":
-            name = f"cuda:{env.local_rank % torch.cuda.device_count()}"
+            name = f"cuda:{env.local_rank % count}"
         device = torch.device(name)
+        if device.index is not None and device.index >= count:
+            raise ConfigError("device", f"device {name!r} does not exist; this machine has cuda:0..cuda:{count - 1}")
         torch.cuda.set_device(device)
         return device
     return torch.device(name)

@@ -13,6 +13,7 @@ checkpoint, resuming from an end-of-epoch checkpoint gives bit-for-bit the run t
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import random
@@ -76,9 +77,15 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
     device = dist_utils.choose_device(config.device, env)
     owns_group = env.distributed and not torch.distributed.is_initialized()
     dist_utils.setup(env, device)
+    run: _Run | None = None
     try:
-        return _Run(config, env, device, on_step).run()
+        run = _Run(config, env, device, on_step)
+        return run.run()
     finally:
+        del run
+        # Free the DDP reducer while its process group still exists: destroying the group first makes the
+        # reducer tear the group down itself later, which can deadlock with gloo's worker threads.
+        gc.collect()
         if owns_group:
             dist_utils.teardown(env)
 
@@ -177,7 +184,10 @@ class _Run:
             # draw them now so they exist before a checkpoint is loaded and before DDP registers the buffers.
             bioprop.direct.initialize(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
         self.model = model
-        self.constraints = [create_constraint(name, model) for name in config.constraints]
+        try:
+            self.constraints = [create_constraint(name, model) for name in config.constraints]
+        except ValueError as err:  # e.g. constant_norm on zero-initialised weights
+            raise ConfigError("constraints", f"constraints: {err}") from None
         self.optimizer = build_optimizer(config, model)
         self.loss_fn = build_loss(config.loss, num_classes)
         uses_mirror = any(getattr(getattr(m, "rule", None), "name", "") == "wm" for m in model.modules())
@@ -404,7 +414,7 @@ class _Run:
         return summary
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------- internals
 
 
 def _dataset_shape(dataset: Any) -> tuple[int, int, int]:

@@ -41,7 +41,8 @@ def epoch_line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"val error {record['val_error']:.2f}%")
     if record["test_error"] is not None:
         parts.append(f"test error {record['test_error']:.2f}% (top-5 {100 * record['test_top5']:.2f}%)")
-    parts.append(f"{record['epoch_time_s']:.1f}s")
+    seconds = record["epoch_time_s"]
+    parts.append(f"{seconds:.1f} s" if seconds >= 1 else f"{1000 * seconds:.0f} ms")
     return " | ".join(parts)
 
 
