@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories written by 'bioprop train'")
     report.add_argument("--output-dir", default="results/report", help="where the report goes; default "
                                                                        "results/report")
+    report.add_argument("--tsne", action="store_true", help="add nokland2016's t-SNE figure: trains 3x400 tanh "
+                                                            "nets with backprop and DFA (about 10 s on digits)")
+    report.add_argument("--tsne-dataset", default="digits", metavar="NAME",
+                        help="data set of the t-SNE nets; default digits")
     return parser
 
 
@@ -229,7 +233,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     missing = [str(p) for p in run_dirs if not (p / "metrics.jsonl").is_file()]
     if missing:
         _fail(f"RUN_DIR: not a run directory (no metrics.jsonl): {', '.join(missing)}", code=2)
-    path = write_report(run_dirs, Path(args.output_dir))
+    path = write_report(run_dirs, Path(args.output_dir), tsne=args.tsne, tsne_dataset=args.tsne_dataset)
     print(f"report: {path}")
     return 0
 

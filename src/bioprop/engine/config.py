@@ -74,7 +74,7 @@ class TrainConfig:
     overwrite: bool = False  # start over in an output_dir that already holds a run
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
     log_every: int = 50  # write a "train" record every N optimizer steps (0 = never)
-    metrics_every: int = 200  # run bioprop.metrics.training_metrics every N steps (0 = never); ~1% of the time
+    metrics_every: int = 200  # run bioprop.metrics.training_metrics every N steps (0 = never); about 2-3% of the time
     progress: bool = True  # tqdm progress bar (only shown on a terminal)
     verbose: bool = True  # print one summary line per epoch
     tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard
