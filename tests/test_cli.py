@@ -22,13 +22,6 @@ TINY = ["--dataset", "digits", "--model", "mlp", "--batch-size", "64", "--lr", "
         "--device", "cpu", "--set", "model_args.width=16", "--set", "metrics_every=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits when the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def error_line(capsys) -> str:

@@ -14,13 +14,6 @@ from bioprop.engine import config_from_dict, load_checkpoint, read_records, trai
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits when the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(out: Path, rule: str) -> dict:

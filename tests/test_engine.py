@@ -20,13 +20,6 @@ from bioprop.engine.checkpoint import rng_state, set_rng_state
 TIMING = ("samples_per_s", "epoch_time_s", "eval_time_s", "time_s")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin-waits when the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small(tmp_path: Path, name: str = "run", **overrides) -> TrainConfig:

@@ -13,13 +13,6 @@ from bioprop.optim import (BatchManhattan, ConstantNorm, FixedSign, apply_constr
                            list_constraints, manhattan_param_groups, resolve_constraint_name)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: extra intra-op threads only spin, and on a shared machine that costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _mlp(seed: int = 0) -> nn.Sequential:

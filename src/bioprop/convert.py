@@ -144,7 +144,8 @@ def _as_list(exclude: Iterable[str | type] | str | type) -> list[str | type]:
     return items
 
 
-def _excluded(name: str, module: nn.Module, exclude: Sequence[str | type]) -> bool:
+def is_excluded(name: str, module: nn.Module, exclude: Sequence[str | type]) -> bool:
+    """Whether ``exclude`` (names, ``fnmatch`` patterns, container prefixes or module types) names this module."""
     for item in exclude:
         if isinstance(item, type):
             if isinstance(module, item):
@@ -170,7 +171,7 @@ def _scan(model: nn.Module, exclude: Sequence[str | type]
             skip_prefixes.append(name + "." if name else "")
             continue
         has_params = any(True for _ in module.parameters(recurse=False))
-        if _excluded(name, module, exclude):
+        if is_excluded(name, module, exclude):
             if is_candidate or has_params:
                 kept.append((name, kind, "excluded"))
             if is_candidate or has_params or name:

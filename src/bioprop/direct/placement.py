@@ -18,16 +18,16 @@ that module, so the model's own parameter and buffer names do not change.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 from torch import nn
 
+from ..convert import is_excluded
 from ..layers import FEEDBACK_TYPES
 from .marker import DirectFeedback
 
-__all__ = ["Placement", "auto_placements", "explicit_markers", "FORWARD_TYPES", "is_excluded"]
+__all__ = ["Placement", "auto_placements", "explicit_markers", "FORWARD_TYPES", "is_excluded"]  # is_excluded: re-export
 
 #: the layer types whose weights a block's input goes through
 FORWARD_TYPES: tuple[type[nn.Module], ...] = tuple(FEEDBACK_TYPES)
@@ -52,17 +52,6 @@ class Placement:
     entry: nn.Module | None
     entry_name: str | None
     block: list[str]
-
-
-def is_excluded(name: str, module: nn.Module, exclude: Sequence[str | type]) -> bool:
-    """Whether ``exclude`` (names, ``fnmatch`` patterns, container prefixes or module types) names this module."""
-    for item in exclude:
-        if isinstance(item, type):
-            if isinstance(module, item):
-                return True
-        elif name == item or fnmatch.fnmatchcase(name, item) or name.startswith(item + "."):
-            return True
-    return False
 
 
 def _chain(module: nn.Sequential, prefix: str) -> Iterator[tuple[str, nn.Module]]:

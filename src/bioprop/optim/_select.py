@@ -10,7 +10,7 @@ from typing import Iterable, Iterator
 
 from torch import nn
 
-from ..convert import _excluded as _matches
+from ..convert import is_excluded as _matches
 from ..layers import FEEDBACK_TYPES
 
 __all__ = ["Selector", "WEIGHT_LAYER_TYPES", "as_selector", "unwrap_model", "weight_layers", "named_trainable",
