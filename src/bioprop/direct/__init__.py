@@ -47,8 +47,14 @@ def exact_gradients(model: nn.Module) -> Iterator[None]:
 
     Examples::
 
+        >>> import torch, bioprop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> net = bioprop.convert(net, "dfa", seed=0)
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
         >>> with bioprop.direct.exact_gradients(net):
-        ...     reference = torch.autograd.grad(loss_fn(net(x), y), list(net.parameters()))
+        ...     reference = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
+        >>> len(reference)
+        4
     """
     controllers = find_controllers(model)
     saved = [c.exact for c in controllers]
