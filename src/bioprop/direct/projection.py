@@ -50,8 +50,9 @@ def _errors(grad_output: Tensor, feedback: Tensor) -> Tensor:
     return grad_output.reshape(-1, feedback.shape[0])  # (N, n_out), N = product of the batch dims
 
 
-class DirectProjection(torch.autograd.Function):
-    """Identity on the output; backward sends ``e · D_l`` to every marked tensor ``h_l`` (one matmul)."""
+class _OutputProjection(torch.autograd.Function):
+    """Identity on the model output whose inputs also include the marked block outputs ``h_l``, so that its
+    backward, which receives ``e = dL/dŷ``, can hand each block its direct signal. Subclasses define the signal."""
 
     @staticmethod
     def forward(output: Tensor, feedback: Tensor, plan: Plan, *hidden: Tensor) -> Tensor:
@@ -63,6 +64,10 @@ class DirectProjection(torch.autograd.Function):
         ctx.save_for_backward(feedback)
         ctx.plan = plan
         ctx.shapes = [h.shape for h in hidden]
+
+
+class DirectProjection(_OutputProjection):
+    """Identity on the output; backward sends ``e · D_l`` to every marked tensor ``h_l`` (one matmul)."""
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
@@ -83,18 +88,13 @@ class DirectProjection(torch.autograd.Function):
         return (grad_output, None, None, *grads)
 
 
-class IndirectProjection(torch.autograd.Function):
+class IndirectProjection(_OutputProjection):
     """Identity on the output; backward sends ``e · D_1`` to the first block and relays the error forward."""
 
     @staticmethod
-    def forward(output: Tensor, feedback: Tensor, plan: Plan, *hidden: Tensor) -> Tensor:
-        return output
-
-    @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        _, feedback, plan, *hidden = inputs
-        ctx.save_for_backward(feedback)
-        ctx.plan = plan
+        _OutputProjection.setup_context(ctx, inputs, output)
+        hidden = inputs[3:]
         # The attached block outputs are needed to run each block's backward as far as its first layer. They are
         # inputs of this node, so keeping them here creates no reference cycle.
         ctx.hidden = hidden
