@@ -2,24 +2,20 @@
 from __future__ import annotations
 
 import copy
-import gc
 import io
-import os
 import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 import bioprop
 from bioprop import direct
 from bioprop.rules import make_generator
+from ddp_harness import run_two_processes
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -651,33 +647,12 @@ def ddp_train(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> None:
         opt.step()
 
 
-def ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        for rule in ("dfa", "ifa"):
-            model = ddp_model(rule)
-            ddp = DistributedDataParallel(model)  # before the first forward pass: D is drawn by each rank
-            shard = DDP_BATCH // world
-            ddp_train(ddp, [(x[rank * shard:(rank + 1) * shard], y[rank * shard:(rank + 1) * shard])
-                            for x, y in ddp_batches()])
-            final = {k: v.clone() for k, v in model.state_dict().items()}
-            gathered: list[dict] = [None] * world  # type: ignore[list-item]
-            dist.all_gather_object(gathered, final)
-            if rank == 0:
-                torch.save(gathered, os.path.join(out_dir, f"{rule}.pt"))
-    finally:
-        # Drop the DDP reducers before the group: a reducer that outlives its group can deadlock at exit.
-        ddp = None  # noqa: F841
-        gc.collect()
-        dist.destroy_process_group()
-
-
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    # DDP wraps each model before its first forward pass: D is drawn by each rank on its own.
+    states = run_two_processes(tmp_path, ["dfa", "ifa"], ddp_model, ddp_batches, ddp_train)
     for rule in ("dfa", "ifa"):
-        rank0, rank1 = torch.load(tmp_path / f"{rule}.pt", weights_only=True)
+        rank0, rank1 = states[rule]
         single = ddp_model(rule)
         ddp_train(single, ddp_batches())
         state = single.state_dict()
