@@ -205,10 +205,12 @@ def check_values(config: TrainConfig) -> None:
             config.last_layer = resolve_rule_name(config.last_layer)
         except ValueError as err:
             raise ConfigError("last_layer", f"last_layer: {err}") from None
-    from ..optim import list_constraints
+    from ..optim import resolve_constraint_name
     for name in config.constraints:
-        if not isinstance(name, str) or name.strip().lower() not in (*list_constraints(), "const", "ei", "e/i"):
-            raise ConfigError("constraints", f"unknown constraint {name!r}; allowed: {', '.join(list_constraints())}")
+        try:
+            resolve_constraint_name(name)
+        except ValueError as error:
+            raise ConfigError("constraints", str(error)) from None
     if config.tensorboard:
         import importlib.util
         if importlib.util.find_spec("tensorboard") is None:
