@@ -8,7 +8,6 @@ import pickle
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import bioprop
@@ -130,8 +129,8 @@ def test_closed_forms_of_b() -> None:
         assert abs(float(agree) - p) < 0.01
 
 
-@pytest.mark.parametrize("scale, dist", [("xiao2018", "uniform"), ("biotorch", "uniform")])
-def test_fa_draw_statistics(scale: str, dist: str) -> None:
+@pytest.mark.parametrize("scale", ["xiao2018", "biotorch"])  # both draw linear B from a uniform law
+def test_fa_draw_statistics(scale: str) -> None:
     net = bioprop.convert(nn.Sequential(nn.Linear(400, 300)), "fa", scale=scale, seed=5)
     b = net[0].feedback_weight
     s = feedback_scale(b, scale)
