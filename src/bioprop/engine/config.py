@@ -24,7 +24,7 @@ __all__ = ["TrainConfig", "ConfigError", "config_from_dict", "load_toml", "parse
            "OPTIMIZERS", "SCHEDULES", "LOSSES"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "bm")
-SCHEDULES = ("none", "step", "multistep", "cosine")
+SCHEDULES = ("none", "step", "multistep", "cosine", "halve_on_plateau")
 LOSSES = ("ce", "bce")
 
 
@@ -54,12 +54,15 @@ class TrainConfig:
     momentum: float = 0.9  # sgd, rmsprop and bm momentum
     weight_decay: float = 0.0
     bm_plain_last_layer: bool = False  # bm only: the output layer takes plain SGD steps (xiao2018's option)
-    schedule: str = "none"  # none | step | multistep | cosine, evaluated at every step
+    schedule: str = "none"  # none | step | multistep | cosine (functions of the step) | halve_on_plateau
     step_size: int = 30  # step: multiply the lr by gamma every step_size epochs
     milestones: list = field(default_factory=list)  # multistep: epochs at which the lr is multiplied by gamma
     gamma: float = 0.1
     warmup_epochs: float = 0.0  # linear warmup from 0 over this many epochs (fractions allowed)
     min_lr: float = 0.0  # cosine: the lr at the last step
+    plateau_halvings: int = 8  # halve_on_plateau: stop after this many halvings of the lr
+    plateau_stop_error: float = 0.01  # halve_on_plateau: stop once the smoothed train error (%) is at or below it
+    plateau_smoothing: float = 0.75  # halve_on_plateau: m <- s*m + (1-s)*err, s in [0, 1)
     loss: str = "ce"  # ce (softmax cross-entropy) | bce (sigmoid outputs, one-hot targets; nokland2016)
     # --- speed
     device: str = "auto"  # auto (cuda if present, else cpu), cpu, cuda, cuda:N
@@ -172,11 +175,13 @@ def check_values(config: TrainConfig) -> None:
         if not (value >= 0 if zero_ok else value > 0):
             raise ConfigError(key, f"{key} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
-    for key in ("epochs", "batch_size", "eval_every", "step_size"):
+    for key in ("epochs", "batch_size", "eval_every", "step_size", "plateau_halvings"):
         positive(key)
     for key in ("lr", "momentum", "weight_decay", "val_size", "num_workers", "warmup_epochs", "min_lr",
-                "log_every", "metrics_every", "gamma"):
+                "log_every", "metrics_every", "gamma", "plateau_stop_error"):
         positive(key, zero_ok=True)
+    if not 0.0 <= config.plateau_smoothing < 1.0:
+        raise ConfigError("plateau_smoothing", f"plateau_smoothing must be in [0, 1), got {config.plateau_smoothing!r}")
     choice("optimizer", OPTIMIZERS)
     choice("schedule", SCHEDULES)
     choice("loss", LOSSES)

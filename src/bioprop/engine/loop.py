@@ -31,6 +31,7 @@ from .checkpoint import (CheckpointError, check_same_run, load_checkpoint, rng_s
                          set_rng_state)
 from .config import ConfigError, TrainConfig, check_values
 from .evaluation import RunningSums, evaluate
+from .plateau import PlateauHalving
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT"]
@@ -197,6 +198,8 @@ class _Run:
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.best: dict[str, Any] = {"error": math.inf, "epoch": 0, "test_error": math.inf}
         self.history: list[dict[str, Any]] = []
+        self.plateau = (PlateauHalving(config.plateau_smoothing, config.plateau_halvings, config.plateau_stop_error)
+                        if config.schedule == "halve_on_plateau" else None)
         if checkpoint is not None:
             self._restore(checkpoint)
 
@@ -218,6 +221,8 @@ class _Run:
         self.best = dict(checkpoint["best"])
         self.history = [dict(h) for h in checkpoint["history"]]
         set_rng_state(checkpoint["rng"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(checkpoint["plateau"])
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -234,6 +239,7 @@ class _Run:
             "rng": rng_state(),
             "config": self.config.to_dict(),
             "log_bytes": self.log.tell(),
+            **({"plateau": self.plateau.state_dict()} if self.plateau is not None else {}),
         }
 
     # ------------------------------------------------------------------------------------------ the run
@@ -254,7 +260,7 @@ class _Run:
             if checkpoint is not None:
                 self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
                              "checkpoint": str(self.out / "checkpoint.pt")})
-            while self.epoch < config.epochs:
+            while self.epoch < config.epochs and not (self.plateau is not None and self.plateau.stop_reason):
                 self._train_epoch(self.epoch + 1)
             return self._finish()
         finally:
@@ -282,6 +288,8 @@ class _Run:
         for x, y in bar:
             # x: (B/N, C, H, W) normalised on device; y: (B/N,) int64
             lr = config.lr * lr_factor(config, self.step, self.steps_per_epoch)
+            if self.plateau is not None:
+                lr *= self.plateau.factor
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             if config.channels_last and x.dim() == 4:
@@ -373,6 +381,9 @@ class _Run:
         eval_time = time.perf_counter() - eval_start
         record.update(epoch_time_s=train_time, eval_time_s=eval_time,
                       lr=self.optimizer.param_groups[0]["lr"])
+        if self.plateau is not None:  # decides the next epoch's lr from this one's (all-process) train error
+            self.plateau.update(100.0 * (1.0 - record["train_acc"]))
+            record.update(smoothed_train_error=self.plateau.smoothed, lr_halvings=self.plateau.halvings)
         self.epoch = epoch
         self.elapsed += train_time + eval_time
         self.history.append({"epoch": epoch, "test_error": record["test_error"],
@@ -380,6 +391,9 @@ class _Run:
         self._write(record)
         if self.main and config.verbose:
             print(epoch_line(record, config.epochs), flush=True)
+        if self.plateau is not None and self.plateau.stop_reason:
+            self._write({"kind": "event", "event": "plateau_stop", "epoch": epoch, "step": self.step,
+                         "message": f"stopped after epoch {epoch}: {self.plateau.stop_reason}"})
 
         selected = record.get("val_error") if self.val_loader is not None else record["test_error"]
         improved = selected is not None and selected < self.best["error"]
@@ -409,6 +423,8 @@ class _Run:
             "world_size": self.env.world_size,
             "output_dir": str(self.out),
         }
+        if self.plateau is not None:
+            summary["stop_reason"] = self.plateau.stop_reason or f"reached epochs = {config.epochs}"
         if self.main:
             (self.out / "final.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
         return summary
