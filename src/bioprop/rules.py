@@ -274,15 +274,30 @@ class FeedbackAlignment(LayerRule):
 
     Args:
         scale: scale convention of the draw (module docstring).
+        zero_init: nokland2016's start for tanh/logistic nets: ``B`` is a copy of the layer's initial (random)
+            ``W``, then ``W`` and the bias are set to zero (``scale`` is then unused). FA leaves a zero start
+            because its feedback is random; with ReLU units, whose derivative at 0 is 0, nothing would learn.
     """
 
     scale: str | float = "xiao2018"
+    zero_init: bool = False
 
     def __post_init__(self) -> None:
         _check_scale(self.scale)
+        if not isinstance(self.zero_init, bool):
+            raise ValueError(f"zero_init must be True or False, got {self.zero_init!r}")
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
-        _register(layer, "feedback_weight", draw_feedback(layer.weight.detach(), self.scale, generator))
+        if not self.zero_init:
+            _register(layer, "feedback_weight", draw_feedback(layer.weight.detach(), self.scale, generator))
+            return
+        from .models.mlp import zero_init_
+        initial = layer.weight.detach().clone()
+        if not initial.any():
+            raise ValueError("fa zero_init copies the layer's initial W into B, but W is all zero (was the model "
+                             "built zero-initialised already?)")
+        _register(layer, "feedback_weight", initial)
+        zero_init_(layer)
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         return layer.feedback_weight
