@@ -219,7 +219,7 @@ def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
 # The AlexNets run with 512 instead of 4096 hidden units: the same layer graph without the 54M classifier weights
 # that would dominate every step; their full-size graphs are checked above on the meta device.
 SMALL_INPUT = {"alexnet": 63, "alexnet_bn": 63, "resnet18": 16, "resnet34": 16, "resnet50": 16, "lenet": 28,
-               "nokland_convnet": 15}
+               "nokland_convnet": 15, "tf_cifar10": 24}
 SMALL_OPTIONS = {"alexnet": {"hidden": 512}, "alexnet_bn": {"hidden": 512}}
 DIRECT_RULES = ("dfa", "ifa")
 

@@ -20,7 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 __all__ = [
-    "AUGMENTATIONS", "draw_crop_flip", "crop_flip", "normalize", "affine_normalization", "random_resized_crop", "resize_shorter",
+    "AUGMENTATIONS", "draw_crop_flip", "crop_flip", "crop_windows", "normalize", "affine_normalization", "random_resized_crop", "resize_shorter",
     "center_crop", "pil_to_tensor",
 ]
 
@@ -75,6 +75,28 @@ def crop_flip(images: Tensor, offsets: Tensor, flips: Tensor | None, padding: in
     if flips is not None:  # no data-dependent branch: a CUDA batch never waits for the host
         images = torch.where(flips.to(device)[:, None, None, None], images.flip(3), images)
     return images
+
+
+def crop_windows(images: Tensor, offsets: Tensor, size: int) -> Tensor:
+    """The ``size``×``size`` window of each image whose top-left corner is at ``offsets[i]``, in one gather.
+
+    Args:
+        images: (B, C, H, W) any dtype, on any device.
+        offsets: (B, 2) int64 (top, left), with ``top <= H - size`` and ``left <= W - size``.
+        size: side of the windows.
+
+    Returns:
+        (B, C, size, size), same dtype and device as ``images``.
+    """
+    b, c = images.shape[:2]
+    device = images.device
+    offsets = offsets.to(device)
+    window = torch.arange(size, device=device)
+    rows = (offsets[:, 0:1] + window)[:, None, :, None]  # (B, 1, size, 1)
+    cols = (offsets[:, 1:2] + window)[:, None, None, :]  # (B, 1, 1, size)
+    batch = torch.arange(b, device=device)[:, None, None, None]
+    chan = torch.arange(c, device=device)[None, :, None, None]
+    return images[batch, chan, rows, cols]
 
 
 def affine_normalization(mean: Sequence[float], std: Sequence[float], device: torch.device | str = "cpu"

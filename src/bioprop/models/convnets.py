@@ -1,17 +1,19 @@
-"""Plain convolutional nets: nokland2016's CIFAR net, LeNet (BioTorch's MNIST and CIFAR variants), a small test net.
+"""Plain convolutional nets: nokland2016's CIFAR net, LeNet (BioTorch's MNIST and CIFAR variants), a small test net,
+and the TensorFlow CIFAR-10 tutorial net (moskovitz2018's "CIFAR-10 1").
 
-All three are ``nn.Sequential``, so layer names are indices and every hidden nonlinearity is a module of its own.
+All of them are ``nn.Sequential``, so layer names are indices and every hidden nonlinearity is a module of its own.
 """
 from __future__ import annotations
 
 import math
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from . import register_model
 from .mlp import _check_rate, activation_module, zero_init_
 
-__all__ = ["nokland_convnet", "lenet", "small_convnet", "LENET_VARIANTS"]
+__all__ = ["nokland_convnet", "lenet", "small_convnet", "tf_cifar10", "CropInput", "LENET_VARIANTS"]
 
 
 def _pool_out(size: int, kernel: int, stride: int) -> int:
@@ -143,4 +145,87 @@ def small_convnet(num_classes: int, in_channels: int, image_size: int, *, widths
     if _check_rate("dropout", dropout) > 0:
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(channels * 4, num_classes))
+    return nn.Sequential(*layers)
+
+
+class CropInput(nn.Module):
+    r"""A random ``size``×``size`` crop (and a random horizontal flip) of each image in training mode, the central
+    crop in evaluation mode: the TensorFlow CIFAR-10 tutorial's 24×24 input, taken inside the model.
+
+    The draws come from torch's global generator on the input's device, which the engine seeds per
+    ``(seed, epoch, rank)`` as it does for dropout.
+
+    Args:
+        size: side of the crop.
+        flip: also mirror each training image left-right with probability 1/2.
+
+    Shape:
+        input (B, C, H, W) with H, W >= size -> output (B, C, size, size).
+    """
+
+    def __init__(self, size: int, flip: bool = True) -> None:
+        super().__init__()
+        self.size, self.flip = size, flip
+
+    def forward(self, x: Tensor) -> Tensor:
+        from ..data.transforms import crop_windows
+        b, _, h, w = x.shape  # (B, C, H, W)
+        if h < self.size or w < self.size:
+            raise ValueError(f"CropInput({self.size}) needs inputs of at least {self.size}×{self.size}, got {h}×{w}")
+        if self.training:
+            top = torch.randint(0, h - self.size + 1, (b,), device=x.device)
+            left = torch.randint(0, w - self.size + 1, (b,), device=x.device)
+            out = crop_windows(x, torch.stack([top, left], 1), self.size)  # (B, C, size, size)
+            if self.flip:
+                out = torch.where((torch.rand(b, device=x.device) < 0.5)[:, None, None, None], out.flip(3), out)
+            return out
+        offsets = torch.tensor([(h - self.size) // 2, (w - self.size) // 2], device=x.device).expand(b, 2)
+        return crop_windows(x, offsets, self.size)
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, flip={self.flip}"
+
+
+def _same_max_pool(size: int) -> tuple[list[nn.Module], int]:
+    """TensorFlow's 3×3/2 max pooling with "SAME" padding, for non-negative inputs (after a ReLU): zeros padded
+    as TF does (the extra one at the bottom/right), which equals TF's -inf padding there. Returns the two layers
+    (padding, pooling) and the output side ceil(size / 2)."""
+    out = -(-size // 2)
+    total = max((out - 1) * 2 + 3 - size, 0)
+    before = total // 2
+    pad = (before, total - before, before, total - before)  # (left, right, top, bottom)
+    return [nn.ZeroPad2d(pad), nn.MaxPool2d(3, stride=2)], out
+
+
+@register_model("tf_cifar10", paper="moskovitz2018 (CIFAR-10 1: the TensorFlow CIFAR-10 tutorial net)",
+                num_classes=10, in_channels=3, image_size=32, min_image_size=24)
+def tf_cifar10(num_classes: int, in_channels: int, image_size: int, *, crop: int = 24,
+               flip: bool = True) -> nn.Sequential:
+    r"""The TensorFlow CIFAR-10 tutorial net (moskovitz2018's "CIFAR-10 1"): two 5×5 conv layers with 64 maps,
+    each followed by ReLU and 3×3/2 max pooling ("SAME" padding), then 384 and 192 ReLU units.
+
+    The input is first cut to ``crop``×``crop`` (random crop and flip while training, central crop in evaluation,
+    :class:`CropInput`): 32 → 24 → 12 → 6 for CIFAR, 1,068,298 parameters, the tutorial's count. Not kept from
+    the tutorial: local response normalisation, random brightness/contrast and per-image standardisation (the
+    data set's own normalisation is used); train with ``augment = "off"`` so the crop is the only augmentation.
+
+    Args:
+        num_classes: output units.
+        in_channels, image_size: input C×S×S.
+        crop: side of the crop (0 = use the whole input).
+        flip: random horizontal flips while training (with ``crop > 0``).
+
+    Shape:
+        input (B, C, S, S) -> output (B, num_classes).
+    """
+    if isinstance(crop, bool) or not isinstance(crop, int) or not 0 <= crop <= image_size:
+        raise ValueError(f"tf_cifar10 crop must be an int in [0, image_size = {image_size}], got {crop!r}")
+    layers: list[nn.Module] = [CropInput(crop, flip)] if crop else []
+    channels, size = in_channels, crop or image_size
+    for _ in range(2):
+        pool, size = _same_max_pool(size)
+        layers += [nn.Conv2d(channels, 64, 5, padding=2), nn.ReLU(), *pool]
+        channels = 64
+    layers += [nn.Flatten(), nn.Linear(64 * size * size, 384), nn.ReLU(), nn.Linear(384, 192), nn.ReLU(),
+               nn.Linear(192, num_classes)]
     return nn.Sequential(*layers)
