@@ -392,3 +392,44 @@ def test_every_rule_trains_and_resumes_exactly(tmp_path, rule):
         assert torch.equal(a[key], b[key]), key
     errors = [r["test_error"] for r in read_records(tmp_path / "full" / "metrics.jsonl", "epoch")]
     assert errors[-1] < 80  # it learns: chance is 90 %
+
+
+# ------------------------------------------------------------------------------------------- max_steps
+
+
+def test_max_steps_caps_every_epoch_and_the_schedule_follows(tmp_path):
+    options = dict(epochs=3, max_steps=5, schedule="multistep", milestones=[1, 2], gamma=0.1, log_every=1)
+    summary = train(small(tmp_path, "capped", **options))
+    assert summary["steps"] == 15 and summary["epochs"] == 3
+    records = read_records(tmp_path / "capped" / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "epoch"] == [5, 10, 15]
+    # multistep counts epochs of 5 steps: lr 0.05 for steps 1-5, 0.005 for 6-10, 0.0005 for 11-15
+    lrs = {r["step"]: r["lr"] for r in records if r["kind"] == "train"}
+    for step, factor in ((1, 1.0), (5, 1.0), (6, 0.1), (10, 0.1), (11, 0.01), (15, 0.01)):
+        assert lrs[step] == pytest.approx(0.05 * factor), step
+    # a cap at or above the epoch's 22 batches changes nothing, bit for bit
+    full = load_checkpoint(Path(train(small(tmp_path, "plain", epochs=1))["output_dir"]) / "checkpoint.pt")
+    same = load_checkpoint(Path(train(small(tmp_path, "cap22", epochs=1, max_steps=22))["output_dir"])
+                           / "checkpoint.pt")
+    for key in full["model"]:
+        assert torch.equal(full["model"][key], same["model"][key]), key
+
+
+def test_max_steps_run_resumes_exactly_after_a_kill(tmp_path):
+    options = dict(epochs=3, max_steps=4, schedule="cosine")
+    reference = train(small(tmp_path, "whole", **options))
+
+    def kill(info):
+        if info.step == 6:  # mid-epoch 2
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(small(tmp_path, "killed", **options), on_step=kill)
+    assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["step"] == 4
+    resumed = train(small(tmp_path, "killed", resume=True, **options))
+    assert resumed["steps"] == reference["steps"] == 12
+    a = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["final_test_error"] == reference["final_test_error"]

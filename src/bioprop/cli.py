@@ -5,7 +5,8 @@
     bioprop demo                                   # MNIST: BP, FA, uSF and DFA side by side, with a report
     bioprop train --dataset mnist --rule usf --epochs 20 --set model_args.width=800
     bioprop train --config run.toml --set rule_options.scale=biotorch --resume
-    bioprop list rules | models | datasets | constraints
+    bioprop list rules | models | datasets | constraints | experiments
+    bioprop reproduce biotorch --scale quick --only 'mnist/*' --seeds 3
     bioprop data get mnist ; bioprop data list
     bioprop report runs/a runs/b --output-dir results/ab
 
@@ -83,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lister = sub.add_parser("list", help="list the registered rules, models, data sets or constraints",
                             description="List what can be named in a config.")
-    lister.add_argument("what", choices=("rules", "models", "datasets", "constraints"),
+    lister.add_argument("what", choices=("rules", "models", "datasets", "constraints", "experiments"),
                         help="which registry to list")
 
     data = sub.add_parser("data", help="fetch data sets or show which are present",
@@ -94,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
     present = data_sub.add_parser("list", help="show which data sets are present in the data root")
     present.add_argument("--root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
+
+    from .experiments.cli import add_parser as add_reproduce_parser
+    add_reproduce_parser(sub)
 
     demo = sub.add_parser("demo", help="train a 2x800 tanh MLP with BP, FA, uSF and DFA and write a report",
                           description="The first thing to run: MNIST (fetched from a pinned archive, no internet "
@@ -195,6 +199,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
         from .data import list_datasets
         for name in list_datasets():
             print(name)
+    elif args.what == "experiments":
+        from .experiments.cli import list_lines
+        print("\n".join(list_lines()))
     else:
         from .optim import list_constraints
         for name in list_constraints():
@@ -238,8 +245,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reproduce(args: argparse.Namespace) -> int:
+    from .experiments.cli import run_command
+    return run_command(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _cmd_train, "list": _cmd_list, "data": _cmd_data, "demo": _cmd_demo, "report": _cmd_report,
+    "reproduce": _cmd_reproduce,
 }
 
 
@@ -265,8 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainingDiverged, CheckpointError) as err:
         return _error(str(err), 1)
     except KeyboardInterrupt:
-        training = "args" in locals() and getattr(args, "command", None) == "train"
-        hint = "; the last epoch's checkpoint is kept (continue with --resume)" if training else ""
+        command = getattr(args, "command", None) if "args" in locals() else None
+        hint = {"train": "; the last epoch's checkpoint is kept (continue with --resume)",
+                "reproduce": "; finished runs and the last epoch's checkpoint are kept (run the same command "
+                             "again to continue)"}.get(command, "")
         print(f"{PROG}: interrupted{hint}", file=sys.stderr)
         return 130
     except Exception as err:

@@ -48,6 +48,7 @@ class TrainConfig:
     constraints: list = field(default_factory=list)  # applied after every step: "constant_norm", "fixed_sign"
     # --- optimisation
     epochs: int = 10
+    max_steps: int = 0  # > 0: end every epoch after this many optimizer steps (smoke runs); 0 = the whole set
     batch_size: int = 64  # global batch; under DDP each of the N processes takes batch_size / N
     lr: float = 0.01  # peak learning rate (after warmup)
     optimizer: str = "sgd"  # sgd | adam | adamw | rmsprop | bm (Batch Manhattan, liao2016)
@@ -177,7 +178,7 @@ def check_values(config: TrainConfig) -> None:
 
     for key in ("epochs", "batch_size", "eval_every", "step_size", "plateau_halvings"):
         positive(key)
-    for key in ("lr", "momentum", "weight_decay", "val_size", "num_workers", "warmup_epochs", "min_lr",
+    for key in ("max_steps", "lr", "momentum", "weight_decay", "val_size", "num_workers", "warmup_epochs", "min_lr",
                 "log_every", "metrics_every", "gamma", "plateau_stop_error"):
         positive(key, zero_ok=True)
     if not 0.0 <= config.plateau_smoothing < 1.0:

@@ -169,6 +169,8 @@ class _Run:
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set")
+        if config.max_steps:  # the schedule and the step counter see the capped epoch as a whole epoch
+            self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps)
 
         try:
             model = create_model(config.model, num_classes=num_classes, in_channels=in_channels,
@@ -285,7 +287,7 @@ class _Run:
                        desc=f"epoch {epoch}/{config.epochs}")
         start = time.perf_counter()
         lr = config.lr
-        for x, y in bar:
+        for batch_index, (x, y) in enumerate(bar):
             # x: (B/N, C, H, W) normalised on device; y: (B/N,) int64
             lr = config.lr * lr_factor(config, self.step, self.steps_per_epoch)
             if self.plateau is not None:
@@ -312,6 +314,8 @@ class _Run:
                 self._analysis(epoch, x, y)
             if self.on_step is not None:
                 self.on_step(StepInfo(epoch, self.step, loss.detach(), self.model, self.optimizer))
+            if batch_index + 1 >= self.steps_per_epoch:  # max_steps: every process stops at the same batch
+                break
         bar.close()
         if window.count or env.distributed:  # every process reads, so the reduction always pairs up
             self._read_window(window, totals, epoch, lr, None, write=False)

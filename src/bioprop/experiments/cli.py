@@ -1,0 +1,128 @@
+"""``bioprop reproduce``: the command behind the parser entry in :mod:`bioprop.cli`."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from ..engine.config import TrainConfig
+from .runner import Plan, data_missing, make_plan, print_commands, run_dir, run_state, steps_per_cell
+from .spec import SCALES, load_experiment
+
+__all__ = ["add_parser", "run_command", "describe", "list_lines"]
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``reproduce`` sub-command to the ``bioprop`` parser's sub-parsers."""
+    p = sub.add_parser("reproduce", help="re-run a paper's table and write it beside the published numbers",
+                       description="Run every cell of an experiment file (see 'bioprop list experiments'), one "
+                                   "run directory per cell and seed, resumable; then write results.md, "
+                                   "results.json and the analysis reports into OUTPUT_DIR/SCALE.")
+    p.add_argument("name", metavar="NAME", help="experiment name or path to an experiment .toml file")
+    p.add_argument("--scale", choices=SCALES, default="quick",
+                   help="quick (fewer epochs, sized for a CPU), full (the paper's schedule) or smoke (a few "
+                        "steps); default quick")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per cell, 0..N-1; default 1")
+    p.add_argument("--only", metavar="PATTERN", default=None,
+                   help="comma-separated patterns on cell ids COLUMN/ROW, e.g. 'mnist/*' or '*/bp,*/fa'")
+    p.add_argument("--output-dir", default=None, help="default results/NAME; runs go to "
+                                                       "OUTPUT_DIR/SCALE/COLUMN/ROW/sSEED")
+    p.add_argument("--data-root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--list", action="store_true", help="show the cells, the config of each and the steps "
+                                                          "per cell, then exit")
+    mode.add_argument("--dry-run", action="store_true", help="show what a run would do with each cell and seed "
+                                                             "in OUTPUT_DIR (skip, resume, start), then exit")
+    mode.add_argument("--print-commands", action="store_true",
+                      help="print one 'bioprop train' command per pending cell and seed (for a job array), "
+                           "writing each run's train.toml; then exit")
+    mode.add_argument("--collect", action="store_true", help="build the table from the run directories that "
+                                                             "exist, without training")
+    p.add_argument("--no-report", dest="report", action="store_false",
+                   help="do not write the analysis reports (results.md and results.json only)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no per-epoch lines or progress bars from the runs")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run ``bioprop reproduce`` with parsed arguments; returns the exit code."""
+    from . import collect, reproduce
+
+    experiment = load_experiment(args.name)
+    plan = make_plan(experiment, args.scale, args.seeds, args.only, args.output_dir, args.data_root)
+    if args.list or args.dry_run:
+        print("\n".join(describe(plan, dry_run=args.dry_run)))
+        return 0
+    if args.print_commands:
+        for line in print_commands(plan):
+            print(line)
+        return 0
+    if args.collect:
+        table = collect(experiment.path, plan=plan, report=args.report)
+    else:
+        table = reproduce(experiment.path, args.scale, args.seeds, args.only, args.output_dir, args.data_root,
+                          report=args.report, verbose=args.progress)
+    from ..engine.distributed import detect
+    if detect().is_main:
+        counts: dict[str, int] = {}
+        for cell in table["cells"]:
+            counts[cell["status"]] = counts.get(cell["status"], 0) + 1
+        summary = ", ".join(f"{n} {status}" for status, n in counts.items())
+        print(f"{experiment.name} ({args.scale}): {summary}; table in {plan.scale_dir / 'results.md'}")
+    return 0
+
+
+def _config_line(values: dict[str, Any]) -> str:
+    """The cell's merged config as the file gives it (every other key keeps its TrainConfig default)."""
+    return " ".join(f"{k}={json.dumps(v, separators=(',', ':'))}" for k, v in values.items())
+
+
+def list_lines() -> list[str]:
+    """``bioprop list experiments``: one line per shipped file, name, paper and title."""
+    from .spec import list_experiments
+    lines = []
+    for name in list_experiments():
+        exp = load_experiment(name)
+        lines.append(f"{name:<16} {exp.paper:<14} {len(exp.cell_ids()):>3} cells  {exp.title}")
+    return lines
+
+
+def describe(plan: Plan, dry_run: bool = False) -> list[str]:
+    """The lines of ``--list`` (cells, config, steps per cell) or ``--dry-run`` (plus each seed's next action)."""
+    exp = plan.experiment
+    seeds = f"seeds 0..{plan.seeds[-1]}" if len(plan.seeds) > 1 else "seed 0"
+    lines = [f"{exp.name}: {exp.title} ({exp.paper}); scale {plan.scale}, {seeds}, {len(plan.cells)} cells"]
+    total = 0
+    for cell in plan.cells:
+        steps = steps_per_cell(cell)
+        published = "-" if cell.published is None else f"{cell.published:g}"
+        if cell.missing:
+            status = f"method not implemented: {cell.missing}"
+        else:
+            missing = data_missing(cell, plan.data_root)
+            status = f"data not present: {missing}" if missing else "ready"
+        lines.append(f"{cell.id:<28} published {published:<7} steps/seed {steps if steps is not None else '?':<9} "
+                     f"{status}")
+        lines.append(f"    {_config_line(cell.values)}")
+        if status != "ready":
+            continue
+        for seed in plan.seeds:
+            path = run_dir(plan, cell, seed)
+            state = run_state(path)
+            remaining = steps
+            if state.state == "interrupted" and steps is not None:
+                epochs = int(cell.values.get("epochs", TrainConfig.epochs))
+                remaining = steps - steps * state.epoch // max(epochs, 1)
+            elif state.state in ("done", "diverged"):
+                remaining = 0
+            total += remaining or 0
+            if dry_run:
+                action = {"done": "skip (finished)", "diverged": "skip (diverged)",
+                          "interrupted": f"resume after epoch {state.epoch}", "pending": "start"}[state.state]
+                lines.append(f"    s{seed}: {action} -> {path}")
+    what = "steps left to run" if dry_run else "steps in all (runnable cells, every seed, nothing done yet counted)"
+    if not dry_run:
+        total = sum((steps_per_cell(c) or 0) * len(plan.seeds) for c in plan.cells
+                    if not c.missing and not data_missing(c, plan.data_root))
+    lines.append(f"{total} {what}; results in {plan.scale_dir}")
+    return lines

@@ -1,0 +1,206 @@
+"""The table of a reproduction: ours beside the paper's, claim verdicts, ``results.md`` and ``results.json``.
+
+Everything here reads the run directories only (``final.json``, ``diverged.json``, ``checkpoint.pt``), so
+``bioprop reproduce NAME`` and ``bioprop reproduce NAME --collect`` write the same table from the same runs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from .runner import Plan, data_missing, format_seconds, run_dir, run_state
+from .spec import Claim
+
+__all__ = ["build_table", "verdict", "render_markdown", "write_results", "write_reports", "mean_std",
+           "CELL_STATUSES"]
+
+#: what a cell's ``status`` may be in results.json
+CELL_STATUSES = ("done", "partial", "diverged", "not run", "method not implemented", "data not present")
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (``ddof = 1``; None with fewer than two values)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _seed_result(path: Path, metric: str) -> dict[str, Any]:
+    state = run_state(path)
+    entry: dict[str, Any] = {"state": state.state}
+    if state.state == "done":
+        final = json.loads((path / "final.json").read_text())
+        # selected on a validation split when the run holds one (best.pt's epoch), else as the metric says
+        key = ("test_error_at_best" if final.get("selected_by") == "val_error"
+               else "best_test_error" if metric == "best_test_error" else "final_test_error")
+        entry.update(test_error=final.get(key), epochs=final.get("epochs"), steps=final.get("steps"),
+                     wall_time_s=final.get("wall_time_s"))
+    elif state.state == "diverged":
+        entry["message"] = json.loads((path / "diverged.json").read_text()).get("message", "")
+    elif state.state == "interrupted":
+        entry["epochs"] = state.epoch
+    return entry
+
+
+def build_table(plan: Plan) -> dict[str, Any]:
+    """The whole table of ``plan`` from its run directories (nothing is trained).
+
+    Returns:
+        A JSON-ready dict: the experiment's header, one entry per cell (status, per-seed results, mean, std,
+        gap to the published value) and one verdict per claim.
+    """
+    exp = plan.experiment
+    cells = []
+    for cell in plan.cells:
+        entry: dict[str, Any] = {
+            "id": cell.id, "column": cell.column, "row": cell.row, "column_label": cell.column_label,
+            "row_label": cell.row_label, "published": cell.published, "published_source": cell.source,
+            "published_status": cell.status, "note": cell.note, "seeds": list(plan.seeds),
+        }
+        missing_data = "" if cell.missing else data_missing(cell, plan.data_root)
+        runs = [] if cell.missing or missing_data else [
+            dict(seed=seed, run_dir=str(run_dir(plan, cell, seed).relative_to(plan.scale_dir)),
+                 **_seed_result(run_dir(plan, cell, seed), exp.metric)) for seed in plan.seeds]
+        errors = [r["test_error"] for r in runs if r["state"] == "done" and r.get("test_error") is not None]
+        mean, std = mean_std(errors)
+        states = [r["state"] for r in runs]
+        if cell.missing:
+            status, reason = "method not implemented", cell.missing
+        elif missing_data:
+            status, reason = "data not present", missing_data
+        elif "diverged" in states:
+            status = "diverged"
+            reason = "; ".join(f"seed {r['seed']}: {r['message']}" for r in runs if r["state"] == "diverged")
+        elif states and all(s == "done" for s in states):
+            status, reason = "done", ""
+        elif "done" in states:
+            status, reason = "partial", f"{states.count('done')} of {len(states)} seeds finished"
+        else:
+            status, reason = "not run", ""
+        done = [r for r in runs if r["state"] == "done"]
+        wall = [r["wall_time_s"] for r in done if r.get("wall_time_s") is not None]
+        entry.update(status=status, reason=reason, runs=runs, seeds_done=len(errors), mean=mean, std=std,
+                     gap=None if mean is None or cell.published is None else mean - cell.published,
+                     epochs=max((r.get("epochs") or 0 for r in done), default=None),
+                     steps=max((r.get("steps") or 0 for r in done), default=None),
+                     wall_time_s=sum(wall) if wall else None)
+        cells.append(entry)
+    by_id = {c["id"]: c for c in cells}
+    claims = [dict(id=c.id, text=c.text, kind=c.kind, cells=list(c.cells), **verdict(c, by_id))
+              for c in exp.claims]
+    return {"experiment": exp.name, "title": exp.title, "paper": exp.paper, "metric": exp.metric,
+            "source": exp.source, "notes": exp.notes, "scale": plan.scale, "seeds": list(plan.seeds),
+            "cells": cells, "claims": claims}
+
+
+def verdict(claim: Claim, cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``{"verdict": "holds" | "does not hold" | "not testable here", "reason": ...}`` for one claim.
+
+    Args:
+        claim: the claim.
+        cells: cell id -> table entry with ``status`` and ``mean`` (only cells with every seed finished,
+            status ``"done"``, count).
+    """
+    means = []
+    for ident in claim.cells:
+        entry = cells.get(ident)
+        if entry is None or entry.get("status") != "done" or entry.get("mean") is None:
+            status = "not selected" if entry is None else entry.get("status")
+            return {"verdict": "not testable here", "reason": f"{ident} is {status}"}
+        means.append(float(entry["mean"]))
+    shown = ", ".join(f"{i} {m:.2f}" for i, m in zip(claim.cells, means))
+    if claim.kind == "order":
+        ok = all(a + claim.margin <= b for a, b in zip(means, means[1:]))
+        detail = f"{shown} (each + {claim.margin:g} <= the next)"
+    elif claim.kind == "within":
+        ok = abs(means[0] - means[1]) <= claim.tolerance
+        detail = (f"{shown}: difference {abs(means[0] - means[1]):.2f} (tolerance {claim.tolerance:g})")
+    else:
+        ok = means[0] <= claim.threshold
+        detail = f"{shown} (threshold {claim.threshold:g})"
+    return {"verdict": "holds" if ok else "does not hold", "reason": detail}
+
+
+def _value(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def render_markdown(table: dict[str, Any], reports: dict[str, str] | None = None) -> str:
+    """``results.md``: the header, the cells beside the published values, the claims, the notes."""
+    seeds = table["seeds"]
+    metric = ("top-1 test error in % at the best epoch" if table["metric"] == "best_test_error"
+              else "top-1 test error in % after the last epoch")
+    lines = [f"# {table['title']} ({table['scale']} scale)", "",
+             f"Paper: {table['paper']}. Metric: {metric} (at the best validation epoch where a cell holds out a "
+             "validation split; lower is better); ours is the mean ± "
+             f"sample std over seeds {', '.join(map(str, seeds))}; gap = ours − published. Published values "
+             f"from {table['source'] or 'the sources given per cell'}; (recalled) marks a value not checked "
+             "against its source.", ""]
+    if table["notes"]:
+        lines += [table["notes"].strip(), ""]
+    lines += ["| column | row | ours | published | gap | seeds | epochs | steps | wall time | status |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for c in table["cells"]:
+        published = "-" if c["published"] is None else f"{c['published']:g}"
+        if c["published"] is not None and c["published_status"] == "recalled":
+            published += " (recalled)"
+        gap = "-" if c["gap"] is None else f"{c['gap']:+.2f}"
+        status = c["status"] + (f": {c['reason']}" if c["reason"] else "")
+        lines.append(f"| {c['column_label']} | {c['row_label']} | {_value(c['mean'], c['std'])} | {published} | "
+                     f"{gap} | {c['seeds_done']}/{len(c['seeds'])} | {c['epochs'] or '-'} | {c['steps'] or '-'} | "
+                     f"{format_seconds(c['wall_time_s'])} | {status.replace('|', '/')} |")
+        if c["note"]:
+            notes.append(f"- {c['id']}: {c['note']}")
+        if c["published"] is not None and c["published_source"] != table["source"]:
+            notes.append(f"- {c['id']}: published value from {c['published_source']}")
+    if table["claims"]:
+        lines += ["", "## Claims", "", "| claim | verdict | evidence |", "|---|---|---|"]
+        for claim in table["claims"]:
+            lines.append(f"| {claim['text']} (`{claim['id']}`) | {claim['verdict']} | {claim['reason']} |")
+    if notes:
+        lines += ["", "## Notes", ""] + notes
+    if reports:
+        lines += ["", "## Analysis reports", ""]
+        lines += [f"- {label}: [{path}]({path})" for label, path in reports.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(table: dict[str, Any], folder: Path, reports: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """Write ``results.json`` and ``results.md`` into ``folder``; returns both paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = folder / "results.json", folder / "results.md"
+    json_path.write_text(json.dumps(table, indent=2) + "\n")
+    md_path.write_text(render_markdown(table, reports))
+    return md_path, json_path
+
+
+def write_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
+    """One ``bioprop report`` per column over its finished seed-0 runs (the figures compare the rows),
+    written to ``<scale dir>/report/<column>/report.html``.
+
+    Returns:
+        column label -> report path relative to the scale directory, for the columns with a finished run.
+    """
+    from ..report import write_report
+
+    by_column: dict[str, list[Path]] = {}
+    labels: dict[str, str] = {}
+    for c in table["cells"]:
+        finished = [r for r in c["runs"] if r["state"] == "done"]
+        if finished:
+            by_column.setdefault(c["column"], []).append(plan.scale_dir / finished[0]["run_dir"])
+            labels[c["column"]] = c["column_label"]
+    reports = {}
+    for column, runs in by_column.items():
+        path = write_report(runs, plan.scale_dir / "report" / column,
+                            title=f"{table['title']}: {labels[column]} ({table['scale']} scale)")
+        reports[labels[column]] = str(path.relative_to(plan.scale_dir))
+    return reports
