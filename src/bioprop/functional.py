@@ -115,7 +115,7 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
     """1-, 2- or 3-d convolution (zero padding) that sends errors down through ``feedback_weight``.
 
     Args:
-        x: input, ``(B, C_in, *spatial)``.
+        x: input, ``(B, C_in, *spatial)``, or unbatched ``(C_in, *spatial)`` as ``F.conv{1,2,3}d`` accept it.
         weight: W, ``(C_out, C_in / groups, *kernel)``.
         bias: ``(C_out,)`` or None.
         feedback_weight: B, same shape as ``weight``.
@@ -123,11 +123,15 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
         groups: number of blocked connections, as in ``torch.nn.Conv2d``.
 
     Returns:
-        ``(B, C_out, *spatial_out)``, identical to ``torch.nn.functional.conv{1,2,3}d``.
+        ``(B, C_out, *spatial_out)`` (``(C_out, *spatial_out)`` for an unbatched input), identical to
+        ``torch.nn.functional.conv{1,2,3}d``.
     """
     if feedback_weight.shape != weight.shape:
         raise ValueError(f"feedback_weight must have the weight's shape {tuple(weight.shape)}, "
                          f"got {tuple(feedback_weight.shape)}")
+    if x.dim() == weight.dim() - 1:  # unbatched: torch.convolution needs the batch dim that F.conv*d adds
+        return feedback_conv(x.unsqueeze(0), weight, bias, feedback_weight, stride, padding, dilation,
+                             groups).squeeze(0)
     args = (list(stride), list(padding), list(dilation), int(groups))
     x, weight, bias, feedback_weight, device_type = _autocast_operands(x, weight, bias, feedback_weight)
     if device_type is None:
