@@ -19,7 +19,7 @@ Scale conventions (option ``scale``), see ``docs/rules.md``:
 - ``"xiao2018"`` (default): s = sqrt(2 / (k_h·k_w·C_out)) for conv, 1/sqrt(fan_in) for linear; random draws are
   N(0, s²) for conv and U(−s, s) for linear.
 - ``"biotorch"``: s = sqrt(2 / (fan_in + fan_out)), the Xavier std; random draws are Xavier-uniform,
-  U(−√3·s, √3·s).
+  U(−√3·s, √3·s). The fans are ``torch.nn.init``'s: fan_in = (C_in/groups)·k_h·k_w, fan_out = C_out·k_h·k_w.
 - ``"unit"``: s = 1, draws U(−1, 1).
 - a positive float s: draws U(−s, s).
 """
