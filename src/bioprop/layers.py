@@ -59,6 +59,24 @@ class FeedbackLayer:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
         self.rule.after_load(self)  # type: ignore[arg-type]
 
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.rule.before_save(self)  # type: ignore[arg-type]
+        super()._save_to_state_dict(*args, **kwargs)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle
+        self.rule.before_save(self)  # type: ignore[arg-type]
+        return super().__getstate__()  # type: ignore[misc]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.rule.after_load(self)  # type: ignore[arg-type]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .double(), to_empty(), ...
+        self.rule.before_save(self)  # type: ignore[arg-type]
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        self.rule.after_load(self)  # type: ignore[arg-type]
+        return result
+
     @torch.no_grad()
     def current_feedback(self) -> Tensor:
         """The B this layer sends its error through now (``W`` itself for backprop), detached, same shape as W."""

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 __all__ = [
     "Rule", "LayerRule", "DirectRule", "register_rule", "list_rules", "create_rule", "rule_options",
     "resolve_rule_name", "feedback_scale", "draw_feedback", "draw_magnitude_8bit", "layer_seed", "SCALE_CONVENTIONS",
+    "redraw_due", "sync_redraw_state", "rebase_redraw_state",
 ]
 
 SCALE_CONVENTIONS = ("xiao2018", "biotorch", "unit")
@@ -72,7 +73,12 @@ class LayerRule(Rule):
         """Update per-step state before a forward pass that will need ``B`` (e.g. brsf's redraw)."""
 
     def after_load(self, layer: nn.Module) -> None:
-        """Called after ``layer.load_state_dict`` has restored the rule's state."""
+        """Called after the rule's state arrived in this process: ``load_state_dict``, a deep copy or unpickling,
+        ``.to()``/``to_empty()``."""
+
+    def before_save(self, layer: nn.Module) -> None:
+        """Called before the rule's state leaves this process's view (``state_dict``, deep copy, pickling,
+        ``.to()``): write what only this process knows (e.g. version counters) into the saved buffers."""
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         """The ``B`` for this layer now, or None for the exact native op. Must not change any state."""
@@ -231,6 +237,53 @@ def draw_magnitude_8bit(weight: Tensor, scale: str | float, generator: torch.Gen
     return torch.add(levels, 0.5, out=out).mul_(bound / 256)
 
 
+# ----------------------------------------------------------------------------------------------- per-update draws
+# State of a draw renewed once per weight update, in the int64 buffer ``feedback_used`` (gloo has no bool):
+_FRESH, _USED, _STALE = 0, 1, 2  # not used yet / used, W unchanged since / used, and W changed in place since
+
+
+def redraw_due(layer: nn.Module) -> bool:
+    """Whether a draw renewed once per update (brsf's magnitudes) must be renewed before this forward pass.
+
+    Call it once per forward pass that needs the draw; it records that the current draw has served one. The
+    answer rests on the layer's buffer ``feedback_used`` (0: the draw has not served a forward pass yet; 1: it has,
+    and W has not changed since; 2: it has, and W was changed in place since), so it is saved and copied with
+    the layer. The 1 → 2 change is seen through W's in-place version counter, which exists only in this process:
+    a rule that uses this function calls :func:`sync_redraw_state` in ``before_save`` and
+    :func:`rebase_redraw_state` in ``after_load``. The first forward pass after a draw never renews it, whatever
+    in-place writes (such as DDP's initial broadcast) happened since the draw was made.
+
+    Args:
+        layer: a feedback layer with an int64 scalar buffer ``feedback_used`` (register it as 0 with the draw).
+
+    Returns:
+        True when the caller must make a new draw now (it then serves this forward pass).
+    """
+    used = int(layer.feedback_used)
+    version = layer.weight._version
+    due = used == _STALE or (used == _USED and getattr(layer, "_feedback_seen_version", None) != version)
+    if used != _USED:
+        layer.feedback_used.fill_(_USED)
+    layer._feedback_seen_version = version
+    return due
+
+
+def sync_redraw_state(layer: nn.Module) -> None:
+    """Write into ``feedback_used`` whether W changed in place since the current draw served a forward pass, so
+    that the saved or copied state decides the next redraw on its own (see :func:`redraw_due`)."""
+    used = layer.feedback_used
+    if used.is_meta or layer.weight.is_meta:
+        return
+    if int(used) == _USED and getattr(layer, "_feedback_seen_version", None) != layer.weight._version:
+        used.fill_(_STALE)
+
+
+def rebase_redraw_state(layer: nn.Module) -> None:
+    """Take W's version counter in this process as the point from which changes of W count (after a load or a
+    copy, whose W has a counter of its own)."""
+    layer._feedback_seen_version = layer.weight._version
+
+
 def layer_seed(seed: int, layer_name: str) -> int:
     """A per-layer seed that depends only on the user's seed and the layer's name, not on the device."""
     return (int(seed) * 1_000_003 + zlib.crc32(layer_name.encode())) % (2**62)
@@ -349,12 +402,13 @@ class BatchRandomSignConcordant(_SignConcordant):
     magnitudes for every weight update.
 
     Each draw is quantised to 256 equiprobable levels of ``|M|``'s distribution (:func:`draw_magnitude_8bit`),
-    which makes a redraw about four times cheaper on a CPU. A redraw happens at the first forward pass (with gradients on) after W has changed in place, which the layer
-    sees through the parameter's version counter; the draw made at conversion serves the first forward pass. Several forward/backward passes between two optimizer steps
-    (gradient accumulation) therefore share one draw, and evaluation passes never draw. Draw ``k`` of a layer is
-    a pure function of the layer seed and ``k`` (buffers ``feedback_seed``, ``feedback_draws``, and
-    ``feedback_used``, whether the current draw has served a forward pass yet), so every DDP rank draws the same
-    magnitudes and a run resumed from a checkpoint taken between updates continues the same sequence.
+    which makes a redraw about four times cheaper on a CPU. A redraw happens at the first forward pass (with
+    gradients on) after W has changed in place (:func:`redraw_due`); the draw made at conversion serves the first
+    forward pass. Several forward/backward passes between two optimizer steps (gradient accumulation) therefore
+    share one draw, and evaluation passes never draw. Draw ``k`` of a layer is a pure function of the layer seed
+    and ``k`` (buffers ``feedback_seed``, ``feedback_draws``), and whether the next forward pass draws is saved
+    too (buffer ``feedback_used``), so every DDP rank draws the same magnitudes, and a deep copy, a loaded
+    ``state_dict`` or a resumed run continues the same sequence, also inside a gradient-accumulation window.
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
@@ -375,18 +429,14 @@ class BatchRandomSignConcordant(_SignConcordant):
             layer.feedback_draws.fill_(draws + 1)
 
     def before_forward(self, layer: nn.Module) -> None:
-        # The first forward uses the current draw (whatever in-place writes, such as DDP's initial broadcast,
-        # happened since it was made); later ones redraw once each time W has changed since the last forward.
-        version = layer.weight._version
-        if not bool(layer.feedback_used):
-            layer.feedback_used.fill_(1)
-        elif getattr(layer, "_feedback_seen_version", None) != version:
+        if redraw_due(layer):
             self._redraw(layer)
-        layer._feedback_seen_version = version
 
     def after_load(self, layer: nn.Module) -> None:
-        # A loaded draw that was already used belongs to the weights before the last update: redraw next time.
-        layer._feedback_seen_version = None
+        rebase_redraw_state(layer)
+
+    def before_save(self, layer: nn.Module) -> None:
+        sync_redraw_state(layer)
 
     def _magnitude(self, layer: nn.Module) -> Tensor | float:
         return layer.feedback_magnitude
