@@ -67,3 +67,82 @@ def test_brsf_state_saved_after_an_update_redraws_once_when_loaded() -> None:
         model(batch(1)).sum().backward()
     assert int(other[4].feedback_draws) == int(net[4].feedback_draws) == 2
     assert torch.equal(other[4].feedback_magnitude, net[4].feedback_magnitude)
+
+
+STATEFUL = ["fa", "usf", "brsf", "frsf", "partial_concordance", "kp", "wm"]
+
+
+def small_convnet() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 5 * 5, 6),
+                         nn.Tanh(), nn.Linear(6, 3))
+
+
+@pytest.mark.parametrize("rule,options", [(r, {}) for r in STATEFUL] + [("frsf", {"norm": "init"}),
+                                                                      ("fa", {"scale": "biotorch"})])
+def test_deferred_init_then_reset_feedback_equals_a_real_conversion(rule: str, options: dict) -> None:
+    torch.manual_seed(0)
+    real = bioprop.convert(small_convnet(), rule, seed=3, **options)
+    with torch.device("meta"):
+        deferred = bioprop.convert(small_convnet(), rule, seed=3, **options)
+        out = deferred(torch.randn(2, 2, 5, 5, requires_grad=True))  # a meta forward pass only checks shapes
+        out.sum().backward()
+    assert out.is_meta and out.shape == (2, 3)
+    deferred.to_empty(device="cpu")
+    x = torch.randn(2, 2, 5, 5)
+    stateless = not any(".feedback_" in k for k in real.state_dict())  # usf: B follows W, nothing to draw
+    if not stateless:
+        with pytest.raises(RuntimeError, match=r"bioprop.reset_feedback\(model\)"):
+            deferred(x)
+    weights = {k: v for k, v in real.state_dict().items() if ".feedback_" not in k}
+    deferred.load_state_dict(weights, strict=False)  # W and b only: the feedback state is still undrawn
+    if not stateless:
+        with pytest.raises(RuntimeError, match="never drawn"):
+            deferred(x)
+    kept = {k: v for k, v in deferred.named_parameters()}
+    assert bioprop.reset_feedback(deferred) is deferred
+    assert all(p is kept[k] for k, p in deferred.named_parameters())  # identity kept: optimizers stay valid
+    ref, got = real.state_dict(), deferred.state_dict()
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(got[key], ref[key]), key
+    deferred.zero_grad(set_to_none=True)  # the meta backward left gradients, which to_empty() did not fill
+    for net in (real, deferred):
+        net(x.requires_grad_(True)).square().sum().backward()
+    for (name, p), q in zip(real.named_parameters(), deferred.parameters()):
+        assert torch.equal(q.grad, p.grad), name
+
+
+def test_deferred_init_with_a_checkpoint_needs_no_reset_and_meta_reset_is_refused() -> None:
+    real = bioprop.convert(small_convnet(), "brsf", seed=1)
+    with torch.device("meta"):
+        deferred = bioprop.convert(small_convnet(), "brsf", seed=1)
+    with pytest.raises(ValueError, match="to_empty"):
+        bioprop.reset_feedback(deferred)
+    deferred.to_empty(device="cpu")
+    deferred.load_state_dict(real.state_dict())
+    x = torch.randn(2, 2, 5, 5, requires_grad=True)
+    torch.testing.assert_close(deferred(x), real(x), rtol=0, atol=0)
+    moved = copy.deepcopy(real).to("meta").to_empty(device="cpu")  # a real model sent to meta is marked too
+    with pytest.raises(RuntimeError, match="reset_feedback"):
+        moved(x)
+    bioprop.reset_feedback(moved)
+    assert torch.equal(moved[0].feedback_magnitude, bioprop.convert(small_convnet(), "brsf", seed=1)[0].feedback_magnitude)
+
+
+def test_deferred_init_of_dfa_draws_the_same_d() -> None:
+    torch.manual_seed(0)
+    real = bioprop.convert(small_convnet(), "dfa", seed=2)
+    with torch.device("meta"):
+        deferred = bioprop.convert(small_convnet(), "dfa", seed=2)
+        deferred(torch.randn(2, 2, 5, 5, requires_grad=True)).sum().backward()  # D drawn on meta
+    deferred.to_empty(device="cpu")
+    deferred.load_state_dict({k: v for k, v in real.state_dict().items() if "feedback" not in k}, strict=False)
+    bioprop.reset_feedback(deferred)
+    deferred.zero_grad(set_to_none=True)
+    x, y = torch.randn(2, 2, 5, 5), torch.tensor([0, 2])
+    for net in (real, deferred):
+        nn.functional.cross_entropy(net(x), y).backward()
+    for (name, p), q in zip(real.named_parameters(), deferred.parameters()):
+        assert torch.equal(q.grad, p.grad), name
+    assert {k: v.shape for k, v in bioprop.feedback_weights(deferred).items()} == \
+        {k: v.shape for k, v in bioprop.feedback_weights(real).items()}

@@ -15,10 +15,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import FEEDBACK_TYPES, FeedbackLayer
-from .rules import DirectRule, LayerRule, create_rule, make_generator
+from .layers import FEEDBACK_TYPES, FeedbackLayer, init_feedback_state
+from .rules import DirectRule, LayerRule, create_rule
 
-__all__ = ["convert", "feedback_weights", "conversion_summary", "ConversionSummary"]
+__all__ = ["convert", "feedback_weights", "conversion_summary", "ConversionSummary", "reset_feedback"]
 
 #: layers whose backward is exact by design (no weight is transported through them to the input)
 EXACT_BY_DESIGN: tuple[type[nn.Module], ...] = (
@@ -143,6 +143,29 @@ def feedback_weights(model: nn.Module) -> dict[str, Tensor]:
             if hasattr(module, "current_feedback")}
 
 
+@torch.no_grad()
+def reset_feedback(model: nn.Module) -> nn.Module:
+    """Draw every rule's state in ``model`` again from its conversion seed, exactly as :func:`convert` drew it.
+
+    This completes deferred initialisation: convert a model built on the ``meta`` device, ``to_empty(device=...)``
+    it, give W its values (``reset_parameters()`` or a load), then call ``reset_feedback``; the state equals that of
+    the same model converted on a real device with the same seed. State tensors keep their identity, so an
+    optimizer or DDP built earlier keeps working. Direct-feedback matrices already drawn are drawn again.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: if a layer is still on the meta device.
+    """
+    for module in model.modules():
+        if isinstance(module, FeedbackLayer):
+            module.reset_feedback()
+    from .direct import redraw_direct_feedback  # local: direct imports this module's helpers
+    redraw_direct_feedback(model)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------- internals
 
 
@@ -234,11 +257,10 @@ def _convert_layer(module: nn.Module, policy: LayerRule, seed: int, name: str) -
     for container in (new._parameters, new._buffers):
         for key in [k for k in container if k.startswith("feedback_")]:
             del container[key]
-    new.__dict__.pop("rule", None)
-    new.__dict__.pop("_feedback_seen_version", None)
+    for key in ("rule", "_feedback_seen_version", "_feedback_origin", "_feedback_pending"):
+        new.__dict__.pop(key, None)
     if isinstance(new, FeedbackLayer):
-        new.rule = policy
-        policy.init_state(new, make_generator(seed, name))
+        init_feedback_state(new, policy, seed, name)
     return new
 
 

@@ -144,7 +144,7 @@ def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_
                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, str | None]:
     """Cast the operands to the autocast dtype when autocast is on for ``x``'s device; else return them."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast has no meta device
         return x, weight, bias, feedback_weight, None
     dtype = torch.get_autocast_dtype(device_type)
     cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, weight, bias, feedback_weight)]

@@ -412,12 +412,13 @@ class BatchRandomSignConcordant(_SignConcordant):
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         _register(layer, "feedback_seed", torch.tensor(seed, dtype=torch.int64))
         _register(layer, "feedback_draws", torch.tensor(0, dtype=torch.int64))
         _register(layer, "feedback_used", torch.tensor(0, dtype=torch.int64))  # int: gloo has no bool
         _register(layer, "feedback_magnitude", torch.zeros_like(layer.weight.detach()))
-        self._redraw(layer)
+        if not layer.weight.is_meta:  # on meta there is nothing to draw into: bioprop.reset_feedback draws later
+            self._redraw(layer)
         super().init_state(layer, generator)
 
     def _redraw(self, layer: nn.Module) -> None:
