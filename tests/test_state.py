@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import copy
 import pickle
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -146,3 +148,66 @@ def test_deferred_init_of_dfa_draws_the_same_d() -> None:
         assert torch.equal(q.grad, p.grad), name
     assert {k: v.shape for k, v in bioprop.feedback_weights(deferred).items()} == \
         {k: v.shape for k, v in bioprop.feedback_weights(real).items()}
+
+
+def kp_run(early: bool, make_opt: Any, steps: int = 6) -> tuple[nn.Module, torch.optim.Optimizer, list]:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    opt = make_opt(net.parameters()) if early else None
+    net = bioprop.convert(net, "kp", seed=4)
+    opt = opt if early else make_opt(net.parameters())
+    d0 = [(m.weight - m.feedback_weight).detach().clone() for m in net if hasattr(m, "feedback_weight")]
+    for i in range(steps):
+        opt.zero_grad()
+        net(batch(i)).pow(2).sum().backward()
+        opt.step()
+    return net, opt, d0
+
+
+SGD = lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.1)  # noqa: E731
+ADAMW = lambda params: torch.optim.AdamW(params, lr=0.01, weight_decay=0.1)  # noqa: E731
+
+
+@pytest.mark.parametrize("make_opt", [SGD, ADAMW], ids=["sgd_momentum_wd", "adamw"])
+def test_kolen_pollack_learns_b_with_an_optimizer_built_before_convert(make_opt: Any) -> None:
+    """Both orders give the same run as the optimizer built after convert, bit for bit, and W − B follows KP's
+    closed form: B gets W's update, and the weight decay shrinks W − B."""
+    after, opt_after, d0 = kp_run(False, make_opt)
+    before, opt_before, _ = kp_run(True, make_opt)
+    for (name, p), q in zip(after.named_parameters(), before.parameters()):
+        assert torch.equal(q, p), name
+    assert [len(g["params"]) for g in opt_before.param_groups] == [len(g["params"]) for g in opt_after.param_groups]
+    for i, state in opt_after.state_dict()["state"].items():  # same parameter order: the state dicts fit either way
+        for key, value in state.items():
+            assert torch.equal(opt_before.state_dict()["state"][i][key], value), (i, key)
+    layers = [m for m in before if hasattr(m, "feedback_weight")]
+    for layer, d in zip(layers, d0):
+        d, expected = d.numpy(), None
+        if make_opt is SGD:  # m_t = μ m_{t-1} + λ D_{t-1} (m_1 = λ D_0), D_t = D_{t-1} − η m_t
+            m = np.zeros_like(d)
+            for t in range(6):
+                m = 0.1 * d if t == 0 else 0.9 * m + 0.1 * d
+                d = d - 0.05 * m
+            expected = d
+        else:  # decoupled decay: D_t = (1 − ηλ)^t D_0 (the Adam parts of W and B are equal)
+            expected = (1 - 0.01 * 0.1) ** 6 * d
+        np.testing.assert_allclose((layer.weight - layer.feedback_weight).detach().numpy(), expected,
+                                   rtol=1e-9, atol=1e-12)
+
+
+def test_kolen_pollack_adoption_survives_deepcopy_and_leaves_other_rules_alone() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    copy_net = copy.deepcopy(bioprop.convert(copy.deepcopy(net), "kp", seed=1))
+    # an optimizer that knows only W and b, as one built before convert does
+    opt = torch.optim.SGD([p for n, p in copy_net.named_parameters() if "feedback" not in n], lr=0.1)
+    b = copy_net[2].feedback_weight.detach().clone()
+    copy_net(batch(0)).sum().backward()
+    opt.step()
+    assert not torch.equal(copy_net[2].feedback_weight, b)
+    torch.testing.assert_close(copy_net[2].feedback_weight - b, copy_net[2].weight.grad * -0.1, rtol=1e-12, atol=0)
+    fa_opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fa = bioprop.convert(net, "fa")
+    fa(batch(0)).sum().backward()
+    fa_opt.step()
+    assert sum(len(g["params"]) for g in fa_opt.param_groups) == 4

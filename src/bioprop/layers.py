@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import feedback_conv, feedback_linear
+from .learned import track_learned_feedback
 from .rules import LayerRule, create_rule, make_generator
 
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
@@ -77,6 +78,7 @@ class FeedbackLayer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # type: ignore[misc]
         self.rule.after_load(self)  # type: ignore[arg-type]
+        track_learned_feedback(self)  # type: ignore[arg-type]
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .double(), to_empty(), ...
         self.rule.before_save(self)  # type: ignore[arg-type]
@@ -85,6 +87,7 @@ class FeedbackLayer:
             self.__dict__["_feedback_pending"] = True
         else:
             self.rule.after_load(self)  # type: ignore[arg-type]
+        track_learned_feedback(self)  # type: ignore[arg-type]  # to_empty() makes new Parameter objects
         return result
 
     def reset_feedback(self) -> None:
@@ -139,6 +142,7 @@ def init_feedback_state(layer: nn.Module, rule: LayerRule, seed: int, name: str)
     layer.rule = rule  # type: ignore[assignment]
     layer.__dict__["_feedback_origin"] = (int(seed), name)
     rule.init_state(layer, make_generator(seed, name))
+    track_learned_feedback(layer)
     layer.__dict__["_feedback_pending"] = bool(layer.weight.is_meta and _feedback_entries(layer))
 
 
