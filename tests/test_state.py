@@ -128,7 +128,8 @@ def test_deferred_init_with_a_checkpoint_needs_no_reset_and_meta_reset_is_refuse
     with pytest.raises(RuntimeError, match="reset_feedback"):
         moved(x)
     bioprop.reset_feedback(moved)
-    assert torch.equal(moved[0].feedback_magnitude, bioprop.convert(small_convnet(), "brsf", seed=1)[0].feedback_magnitude)
+    fresh = bioprop.convert(small_convnet(), "brsf", seed=1)
+    assert torch.equal(moved[0].feedback_magnitude, fresh[0].feedback_magnitude)
 
 
 def test_deferred_init_of_dfa_draws_the_same_d() -> None:

@@ -113,7 +113,8 @@ class FeedbackLayer:
                     and new.dtype == tensor.dtype and new.device == tensor.device:
                 with torch.no_grad():
                     tensor.copy_(new)
-                (self._parameters if key in self._parameters else self._buffers)[key] = tensor  # type: ignore[attr-defined]
+                container = self._parameters if key in self._parameters else self._buffers  # type: ignore[attr-defined]
+                container[key] = tensor
         self.__dict__["_feedback_pending"] = False
 
     @torch.no_grad()
