@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -153,3 +154,58 @@ def test_rule_object_and_direct_construction() -> None:
     assert y.shape == (2, 4, 4, 4)
     with pytest.raises(ValueError, match="has no option"):
         FeedbackConv2d(3, 4, 3, rule="fa", concordance=0.5)
+
+
+class Aliased(nn.Module):
+    """One Linear registered under two names and used twice, plus a shared block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = self.a
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(torch.tanh(self.a(x))))
+
+
+def test_convert_keeps_a_layer_registered_twice_shared() -> None:
+    torch.manual_seed(0)
+    net = bioprop.convert(Aliased().double(), "fa", seed=3)
+    assert isinstance(net.a, FeedbackLinear) and net.b is net.a
+    summary = bioprop.conversion_summary(net)
+    assert [name for name, _, _ in summary.converted] == ["a", "head"]
+    assert summary.aliases == {"a": ["b"]} and "also registered as b" in str(summary)
+    assert len(list(net.parameters())) == 4  # a.weight, a.bias, head.weight, head.bias: one Parameter each
+    # Both uses send their error through the same B (NumPy closed form); dW accumulates over both uses.
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(7, 3, dtype=torch.float64)
+    net(x).backward(g)
+    xn, gn = x.detach().numpy(), g.numpy()
+    w, bias, fb = (t.detach().numpy() for t in (net.a.weight, net.a.bias, net.a.feedback_weight))
+    fbh = net.head.feedback_weight.detach().numpy()
+    h1 = np.tanh(xn @ w.T + bias)
+    h2 = h1 @ w.T + bias
+    d2 = gn @ fbh  # δ at the output of the second use
+    d1 = (d2 @ fb) * (1 - h1 ** 2)  # δ at the pre-activation of the first use
+    np.testing.assert_allclose(net.a.weight.grad.numpy(), d2.T @ h1 + d1.T @ xn, rtol=1e-10)
+    np.testing.assert_allclose(net.a.bias.grad.numpy(), d2.sum(0) + d1.sum(0), rtol=1e-10)
+    np.testing.assert_allclose(x.grad.numpy(), d1 @ fb, rtol=1e-10)
+    np.testing.assert_allclose(net.head.weight.grad.numpy(), gn.T @ h2, rtol=1e-10)
+
+
+def test_aliased_layer_under_sham_equals_native_and_exclusion_by_alias() -> None:
+    torch.manual_seed(1)
+    native = Aliased().double()
+    sham = bioprop.convert(Aliased().double(), "sham")
+    sham.load_state_dict(native.state_dict())
+    x = torch.randn(4, 5, dtype=torch.float64)
+    for net in (native, sham):
+        net(x).square().sum().backward()
+    for (name, p), q in zip(native.named_parameters(), sham.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+    kept = bioprop.convert(Aliased(), "fa", exclude=["b"])
+    assert type(kept.a) is nn.Linear and kept.b is kept.a
+    assert ("a", "Linear", "excluded") in bioprop.conversion_summary(kept).kept
+    back = bioprop.convert(bioprop.convert(Aliased(), "usf"), "backprop")
+    assert type(back.a) is nn.Linear and back.b is back.a

@@ -184,3 +184,27 @@ def test_autocast_bf16_on_cpu() -> None:
 def test_shape_mismatch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="feedback_weight must have the weight's shape"):
         feedback_linear(torch.randn(2, 3), torch.randn(4, 3), None, torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("dims,padding_mode,padding", [(1, "zeros", 1), (2, "zeros", 1), (2, "reflect", 1),
+                                                       (2, "circular", "same"), (3, "zeros", 0)])
+def test_unbatched_conv_input_matches_native_layer(dims: int, padding_mode: str, padding: int | str) -> None:
+    """A converted conv accepts (C, *spatial) in training as the native layer does: sham == native in the output
+    and in dx, dW, db."""
+    import bioprop
+    conv_type = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[dims]
+    torch.manual_seed(0)
+    native = conv_type(4, 6, 3, padding=padding, padding_mode=padding_mode, groups=2).double()
+    converted = bioprop.convert(torch.nn.Sequential(conv_type(4, 6, 3, padding=padding, padding_mode=padding_mode,
+                                                              groups=2).double()), "sham")[0]
+    converted.load_state_dict(native.state_dict())
+    x = torch.randn(4, *[5] * dims, dtype=torch.float64)
+    outs = []
+    for layer in (native, converted):
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(torch.cos(torch.arange(y.numel(), dtype=torch.float64)).view(y.shape))
+        outs.append((y.detach(), xi.grad, layer.weight.grad, layer.bias.grad))
+    assert outs[0][0].dim() == dims + 1
+    for ref, got in zip(*outs):
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,6 +128,18 @@ def test_closed_forms_of_b() -> None:
         net = bioprop.convert(nn.Sequential(nn.Linear(200, 300)), "partial_concordance", concordance=p)
         agree = (torch.sign(bioprop.feedback_weights(net)["0"]) == torch.sign(net[0].weight)).double().mean()
         assert abs(float(agree) - p) < 0.01
+
+
+def test_biotorch_fan_in_of_a_grouped_conv_is_torch_init_fan() -> None:
+    """For groups > 1 the fans are torch.nn.init's: fan_in = (C_in/groups)·k_h·k_w, fan_out = C_out·k_h·k_w, and
+    docs/rules.md says so."""
+    conv = nn.Conv2d(8, 12, (3, 5), groups=4)
+    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(conv.weight)
+    assert (fan_in, fan_out) == (8 // 4 * 15, 12 * 15)
+    assert feedback_scale(conv.weight, "biotorch") == pytest.approx(math.sqrt(2 / (fan_in + fan_out)))
+    assert feedback_scale(conv.weight, "biotorch") == pytest.approx(math.sqrt(2 / (2 * 15 + 12 * 15)))
+    docs = (Path(__file__).parents[1] / "docs" / "rules.md").read_text()
+    assert "fan_in = (C_in/groups)·k_h·k_w" in docs and "fan_in = C_in·k_h·k_w" not in docs
 
 
 @pytest.mark.parametrize("scale", ["xiao2018", "biotorch"])  # both draw linear B from a uniform law

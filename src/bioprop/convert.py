@@ -15,10 +15,10 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .layers import FEEDBACK_TYPES, FeedbackLayer
-from .rules import DirectRule, LayerRule, create_rule, make_generator
+from .layers import FEEDBACK_TYPES, FeedbackLayer, init_feedback_state
+from .rules import DirectRule, LayerRule, create_rule
 
-__all__ = ["convert", "feedback_weights", "conversion_summary", "ConversionSummary"]
+__all__ = ["convert", "feedback_weights", "conversion_summary", "ConversionSummary", "reset_feedback"]
 
 #: layers whose backward is exact by design (no weight is transported through them to the input)
 EXACT_BY_DESIGN: tuple[type[nn.Module], ...] = (
@@ -41,11 +41,15 @@ class ConversionSummary:
     seed: int
     converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, rule)
     kept: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
+    #: {name in ``converted``: the other names the same module object is registered under}
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"bioprop.convert: rule={self.rule!r} seed={self.seed} options={self.options}",
                  f"  converted {len(self.converted)} layer(s):"]
-        lines += [f"    {name or '(root)'}: {kind} -> {rule}" for name, kind, rule in self.converted]
+        lines += [f"    {name or '(root)'}: {kind} -> {rule}"
+                  + (f" (also registered as {', '.join(self.aliases[name])})" if name in self.aliases else "")
+                  for name, kind, rule in self.converted]
         if self.kept:
             lines.append(f"  left with exact backprop ({len(self.kept)}):")
             lines += [f"    {name or '(root)'}: {kind} ({reason})" for name, kind, reason in self.kept]
@@ -70,6 +74,10 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
         The converted model (a new object only when ``model`` itself is a single convertible layer). The
         summary of what was converted is available as :func:`conversion_summary`.
 
+    A layer registered under several names (``self.b = self.a``) is one layer: every name gets the same new
+    layer object, so the sharing survives, and it is converted (and listed in the summary) once, under its first
+    name, which also seeds its state. Excluding any of its names excludes it.
+
     Converting twice is safe: a layer that already has the same rule and options keeps its state (a fixed B is
     never redrawn); a layer converted to another rule gets the new rule's state; ``"backprop"`` restores the
     native layer types.
@@ -90,7 +98,8 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
         return model
 
     summary = ConversionSummary(policy.name, policy.options(), seed)
-    candidates, kept = _scan(model, exclude_list)
+    names = _all_names(model)
+    candidates, kept = _scan(model, exclude_list, names)
     output_name = candidates[-1][0] if candidates else None
     unsupported = [(n, k) for n, k, reason in kept if reason.startswith("cannot take feedback")]
     if unsupported:
@@ -102,8 +111,11 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
         layer_policy = last_policy if (last_layer is not None and name == output_name) else policy
         new = _convert_layer(module, layer_policy, seed, name)  # type: ignore[arg-type]
         if new is not module:
-            model = _replace(model, name, new)
+            for alias in names[id(module)]:
+                model = _replace(model, alias, new)
         summary.converted.append((name, type(module).__name__, layer_policy.name))
+        if len(names[id(module)]) > 1:
+            summary.aliases[name] = [n for n in names[id(module)] if n != name]
     object.__setattr__(model, "_bioprop_summary", summary)
     return model
 
@@ -131,6 +143,29 @@ def feedback_weights(model: nn.Module) -> dict[str, Tensor]:
             if hasattr(module, "current_feedback")}
 
 
+@torch.no_grad()
+def reset_feedback(model: nn.Module) -> nn.Module:
+    """Draw every rule's state in ``model`` again from its conversion seed, exactly as :func:`convert` drew it.
+
+    This completes deferred initialisation: convert a model built on the ``meta`` device, ``to_empty(device=...)``
+    it, give W its values (``reset_parameters()`` or a load), then call ``reset_feedback``; the state equals that of
+    the same model converted on a real device with the same seed. State tensors keep their identity, so an
+    optimizer or DDP built earlier keeps working. Direct-feedback matrices already drawn are drawn again.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        ValueError: if a layer is still on the meta device.
+    """
+    for module in model.modules():
+        if isinstance(module, FeedbackLayer):
+            module.reset_feedback()
+    from .direct import redraw_direct_feedback  # local: direct imports this module's helpers
+    redraw_direct_feedback(model)
+    return model
+
+
 # ----------------------------------------------------------------------------------------------- internals
 
 
@@ -155,9 +190,19 @@ def is_excluded(name: str, module: nn.Module, exclude: Sequence[str | type]) -> 
     return False
 
 
-def _scan(model: nn.Module, exclude: Sequence[str | type]
+def _all_names(model: nn.Module) -> dict[int, list[str]]:
+    """``{id(module): every name it is registered under}``, first name first (the one ``named_modules`` gives)."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(module), []).append(name)
+    return names
+
+
+def _scan(model: nn.Module, exclude: Sequence[str | type], names: dict[int, list[str]] | None = None
           ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str, str]]]:
-    """Split the model's parametrised leaf layers into convertible candidates and kept ones (with reasons)."""
+    """Split the model's parametrised leaf layers into convertible candidates and kept ones (with reasons).
+
+    ``names`` (from :func:`_all_names`) lets an exclusion match any name of a module registered twice."""
     candidates: list[tuple[str, nn.Module]] = []
     kept: list[tuple[str, str, str]] = []
     skip_prefixes: list[str] = []
@@ -171,7 +216,7 @@ def _scan(model: nn.Module, exclude: Sequence[str | type]
             skip_prefixes.append(name + "." if name else "")
             continue
         has_params = any(True for _ in module.parameters(recurse=False))
-        if is_excluded(name, module, exclude):
+        if any(is_excluded(n, module, exclude) for n in (names or {}).get(id(module), [name])):
             if is_candidate or has_params:
                 kept.append((name, kind, "excluded"))
             if is_candidate or has_params or name:
@@ -212,11 +257,10 @@ def _convert_layer(module: nn.Module, policy: LayerRule, seed: int, name: str) -
     for container in (new._parameters, new._buffers):
         for key in [k for k in container if k.startswith("feedback_")]:
             del container[key]
-    new.__dict__.pop("rule", None)
-    new.__dict__.pop("_feedback_seen_version", None)
+    for key in ("rule", "_feedback_seen_version", "_feedback_origin", "_feedback_pending"):
+        new.__dict__.pop(key, None)
     if isinstance(new, FeedbackLayer):
-        new.rule = policy
-        policy.init_state(new, make_generator(seed, name))
+        init_feedback_state(new, policy, seed, name)
     return new
 
 

@@ -115,7 +115,7 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
     """1-, 2- or 3-d convolution (zero padding) that sends errors down through ``feedback_weight``.
 
     Args:
-        x: input, ``(B, C_in, *spatial)``.
+        x: input, ``(B, C_in, *spatial)``, or unbatched ``(C_in, *spatial)`` as ``F.conv{1,2,3}d`` accept it.
         weight: W, ``(C_out, C_in / groups, *kernel)``.
         bias: ``(C_out,)`` or None.
         feedback_weight: B, same shape as ``weight``.
@@ -123,11 +123,15 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
         groups: number of blocked connections, as in ``torch.nn.Conv2d``.
 
     Returns:
-        ``(B, C_out, *spatial_out)``, identical to ``torch.nn.functional.conv{1,2,3}d``.
+        ``(B, C_out, *spatial_out)`` (``(C_out, *spatial_out)`` for an unbatched input), identical to
+        ``torch.nn.functional.conv{1,2,3}d``.
     """
     if feedback_weight.shape != weight.shape:
         raise ValueError(f"feedback_weight must have the weight's shape {tuple(weight.shape)}, "
                          f"got {tuple(feedback_weight.shape)}")
+    if x.dim() == weight.dim() - 1:  # unbatched: torch.convolution needs the batch dim that F.conv*d adds
+        return feedback_conv(x.unsqueeze(0), weight, bias, feedback_weight, stride, padding, dilation,
+                             groups).squeeze(0)
     args = (list(stride), list(padding), list(dilation), int(groups))
     x, weight, bias, feedback_weight, device_type = _autocast_operands(x, weight, bias, feedback_weight)
     if device_type is None:
@@ -140,7 +144,7 @@ def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_
                        ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, str | None]:
     """Cast the operands to the autocast dtype when autocast is on for ``x``'s device; else return them."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast has no meta device
         return x, weight, bias, feedback_weight, None
     dtype = torch.get_autocast_dtype(device_type)
     cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, weight, bias, feedback_weight)]

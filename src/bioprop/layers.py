@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .functional import feedback_conv, feedback_linear
+from .learned import track_learned_feedback
 from .rules import LayerRule, create_rule, make_generator
 
-__all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d"]
+__all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
+           "init_feedback_state"]
 
 
 @torch.compiler.disable
@@ -38,12 +40,15 @@ class FeedbackLayer:
         if not isinstance(rule, LayerRule):
             raise ValueError(f"rule {rule.name!r} is not a per-layer rule; use bioprop.convert(model, "
                              f"{rule.name!r}) for direct feedback")
-        self.rule = rule
-        rule.init_state(self, make_generator(seed, name))  # type: ignore[arg-type]
+        init_feedback_state(self, rule, seed, name)  # type: ignore[arg-type]
 
     def _feedback_for(self, x: Tensor) -> Tensor | None:
         """The B to use in this forward pass, or None when the native op gives the same result."""
         rule = self.rule
+        if self.__dict__.get("_feedback_pending", False) and not self.weight.is_meta:
+            raise RuntimeError(f"feedback layer {self.__dict__['_feedback_origin'][1] or '(unnamed)'!r} was converted "
+                               "on the meta device and its feedback state was never drawn; call "
+                               "bioprop.reset_feedback(model) after to_empty() (once W has its values)")
         if not torch.is_grad_enabled():
             return None
         if not rule.learns_feedback and not x.requires_grad:
@@ -51,13 +56,66 @@ class FeedbackLayer:
             return None
         if not (x.requires_grad or self.weight.requires_grad):
             return None
-        if type(rule).before_forward is not LayerRule.before_forward:
+        if type(rule).before_forward is not LayerRule.before_forward and not self.weight.is_meta:
             _run_eagerly(rule.before_forward, self)
         return rule.feedback_weight(self)  # type: ignore[arg-type]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]
+        state_dict, prefix = args[0], args[1]
+        if all(prefix + key in state_dict for key in _feedback_entries(self)):
+            self.__dict__["_feedback_pending"] = False  # the rule's whole state was loaded
         self.rule.after_load(self)  # type: ignore[arg-type]
+
+    def _save_to_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.rule.before_save(self)  # type: ignore[arg-type]
+        super()._save_to_state_dict(*args, **kwargs)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:  # deepcopy and pickle
+        self.rule.before_save(self)  # type: ignore[arg-type]
+        return super().__getstate__()  # type: ignore[misc]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # type: ignore[misc]
+        self.rule.after_load(self)  # type: ignore[arg-type]
+        track_learned_feedback(self)  # type: ignore[arg-type]
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # .to(), .double(), to_empty(), ...
+        self.rule.before_save(self)  # type: ignore[arg-type]
+        result = super()._apply(fn, recurse)  # type: ignore[misc]
+        if self.weight.is_meta and _feedback_entries(self):  # moved to meta: draw again once real
+            self.__dict__["_feedback_pending"] = True
+        else:
+            self.rule.after_load(self)  # type: ignore[arg-type]
+        track_learned_feedback(self)  # type: ignore[arg-type]  # to_empty() makes new Parameter objects
+        return result
+
+    def reset_feedback(self) -> None:
+        """Draw the rule's state again from the layer's conversion seed and name, as conversion did.
+
+        The state tensors keep their identity (values are copied in), so optimizers and DDP keep their
+        references. Rules whose state depends on W (``norm="init"``) read the current W.
+
+        Raises:
+            ValueError: if the layer is still on the meta device (call ``to_empty`` first).
+        """
+        name = self.__dict__.get("_feedback_origin", (0, ""))[1]
+        if self.weight.is_meta:
+            raise ValueError(f"reset_feedback: layer {name or '(unnamed)'!r} is on the meta device; call "
+                             "model.to_empty(device=...) first")
+        old = {key: getattr(self, key) for key in _feedback_entries(self)}
+        seed = self.__dict__.get("_feedback_origin", (0, ""))[0]
+        self.__dict__.pop("_feedback_seen_version", None)
+        self.rule.init_state(self, make_generator(seed, name))  # type: ignore[arg-type]
+        for key, tensor in old.items():
+            new = getattr(self, key, None)
+            if isinstance(new, Tensor) and new is not tensor and new.shape == tensor.shape \
+                    and new.dtype == tensor.dtype and new.device == tensor.device:
+                with torch.no_grad():
+                    tensor.copy_(new)
+                container = self._parameters if key in self._parameters else self._buffers  # type: ignore[attr-defined]
+                container[key] = tensor
+        self.__dict__["_feedback_pending"] = False
 
     @torch.no_grad()
     def current_feedback(self) -> Tensor:
@@ -68,6 +126,25 @@ class FeedbackLayer:
     def extra_repr(self) -> str:  # type: ignore[override]
         options = ", ".join(f"{k}={v!r}" for k, v in self.rule.options().items())
         return f"{super().extra_repr()}, rule={self.rule.name!r}" + (f", {options}" if options else "")  # type: ignore[misc]
+
+
+def _feedback_entries(layer: nn.Module) -> list[str]:
+    """Names of the rule's ``feedback_*`` parameters and buffers on ``layer``."""
+    return [key for key in (*layer._parameters, *layer._buffers) if key.startswith("feedback_")]
+
+
+def init_feedback_state(layer: nn.Module, rule: LayerRule, seed: int, name: str) -> None:
+    """Give ``layer`` its rule and the rule's state, drawn from ``seed`` and the layer's ``name``.
+
+    The seed and name are kept on the layer, so that :meth:`FeedbackLayer.reset_feedback` can draw the same
+    state again. On the meta device nothing is drawn: the layer is marked, and a forward pass on a real device
+    refuses to run until ``reset_feedback`` (or a ``load_state_dict`` with the rule's state) has filled it.
+    """
+    layer.rule = rule  # type: ignore[assignment]
+    layer.__dict__["_feedback_origin"] = (int(seed), name)
+    rule.init_state(layer, make_generator(seed, name))
+    track_learned_feedback(layer)
+    layer.__dict__["_feedback_pending"] = bool(layer.weight.is_meta and _feedback_entries(layer))
 
 
 class FeedbackLinear(FeedbackLayer, nn.Linear):

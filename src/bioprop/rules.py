@@ -19,7 +19,7 @@ Scale conventions (option ``scale``), see ``docs/rules.md``:
 - ``"xiao2018"`` (default): s = sqrt(2 / (k_h·k_w·C_out)) for conv, 1/sqrt(fan_in) for linear; random draws are
   N(0, s²) for conv and U(−s, s) for linear.
 - ``"biotorch"``: s = sqrt(2 / (fan_in + fan_out)), the Xavier std; random draws are Xavier-uniform,
-  U(−√3·s, √3·s).
+  U(−√3·s, √3·s). The fans are ``torch.nn.init``'s: fan_in = (C_in/groups)·k_h·k_w, fan_out = C_out·k_h·k_w.
 - ``"unit"``: s = 1, draws U(−1, 1).
 - a positive float s: draws U(−s, s).
 """
@@ -33,9 +33,12 @@ from typing import Any, Callable, ClassVar, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .redraw import rebase_redraw_state, redraw_due, sync_redraw_state
+
 __all__ = [
     "Rule", "LayerRule", "DirectRule", "register_rule", "list_rules", "create_rule", "rule_options",
     "resolve_rule_name", "feedback_scale", "draw_feedback", "draw_magnitude_8bit", "layer_seed", "SCALE_CONVENTIONS",
+    "redraw_due", "sync_redraw_state", "rebase_redraw_state",
 ]
 
 SCALE_CONVENTIONS = ("xiao2018", "biotorch", "unit")
@@ -72,7 +75,12 @@ class LayerRule(Rule):
         """Update per-step state before a forward pass that will need ``B`` (e.g. brsf's redraw)."""
 
     def after_load(self, layer: nn.Module) -> None:
-        """Called after ``layer.load_state_dict`` has restored the rule's state."""
+        """Called after the rule's state arrived in this process: ``load_state_dict``, a deep copy or unpickling,
+        ``.to()``/``to_empty()``."""
+
+    def before_save(self, layer: nn.Module) -> None:
+        """Called before the rule's state leaves this process's view (``state_dict``, deep copy, pickling,
+        ``.to()``): write what only this process knows (e.g. version counters) into the saved buffers."""
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         """The ``B`` for this layer now, or None for the exact native op. Must not change any state."""
@@ -364,21 +372,23 @@ class BatchRandomSignConcordant(_SignConcordant):
     magnitudes for every weight update.
 
     Each draw is quantised to 256 equiprobable levels of ``|M|``'s distribution (:func:`draw_magnitude_8bit`),
-    which makes a redraw about four times cheaper on a CPU. A redraw happens at the first forward pass (with gradients on) after W has changed in place, which the layer
-    sees through the parameter's version counter; the draw made at conversion serves the first forward pass. Several forward/backward passes between two optimizer steps
-    (gradient accumulation) therefore share one draw, and evaluation passes never draw. Draw ``k`` of a layer is
-    a pure function of the layer seed and ``k`` (buffers ``feedback_seed``, ``feedback_draws``, and
-    ``feedback_used``, whether the current draw has served a forward pass yet), so every DDP rank draws the same
-    magnitudes and a run resumed from a checkpoint taken between updates continues the same sequence.
+    which makes a redraw about four times cheaper on a CPU. A redraw happens at the first forward pass (with
+    gradients on) after W has changed in place (:func:`redraw_due`); the draw made at conversion serves the first
+    forward pass. Several forward/backward passes between two optimizer steps (gradient accumulation) therefore
+    share one draw, and evaluation passes never draw. Draw ``k`` of a layer is a pure function of the layer seed
+    and ``k`` (buffers ``feedback_seed``, ``feedback_draws``), and whether the next forward pass draws is saved
+    too (buffer ``feedback_used``), so every DDP rank draws the same magnitudes, and a deep copy, a loaded
+    ``state_dict`` or a resumed run continues the same sequence, also inside a gradient-accumulation window.
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         _register(layer, "feedback_seed", torch.tensor(seed, dtype=torch.int64))
         _register(layer, "feedback_draws", torch.tensor(0, dtype=torch.int64))
         _register(layer, "feedback_used", torch.tensor(0, dtype=torch.int64))  # int: gloo has no bool
         _register(layer, "feedback_magnitude", torch.zeros_like(layer.weight.detach()))
-        self._redraw(layer)
+        if not layer.weight.is_meta:  # on meta there is nothing to draw into: bioprop.reset_feedback draws later
+            self._redraw(layer)
         super().init_state(layer, generator)
 
     def _redraw(self, layer: nn.Module) -> None:
@@ -390,18 +400,14 @@ class BatchRandomSignConcordant(_SignConcordant):
             layer.feedback_draws.fill_(draws + 1)
 
     def before_forward(self, layer: nn.Module) -> None:
-        # The first forward uses the current draw (whatever in-place writes, such as DDP's initial broadcast,
-        # happened since it was made); later ones redraw once each time W has changed since the last forward.
-        version = layer.weight._version
-        if not bool(layer.feedback_used):
-            layer.feedback_used.fill_(1)
-        elif getattr(layer, "_feedback_seen_version", None) != version:
+        if redraw_due(layer):
             self._redraw(layer)
-        layer._feedback_seen_version = version
 
     def after_load(self, layer: nn.Module) -> None:
-        # A loaded draw that was already used belongs to the weights before the last update: redraw next time.
-        layer._feedback_seen_version = None
+        rebase_redraw_state(layer)
+
+    def before_save(self, layer: nn.Module) -> None:
+        sync_redraw_state(layer)
 
     def _magnitude(self, layer: nn.Module) -> Tensor | float:
         return layer.feedback_magnitude
@@ -456,8 +462,9 @@ class KolenPollack(LayerRule):
     """Kolen-Pollack (akrout2019): a learned ``B`` (parameter ``feedback_weight``) that receives exactly ``W``'s
     gradient, so any optimizer gives it ``W``'s update and weight decay makes ``W − B`` decay to 0.
 
-    Create the optimizer after conversion (``B`` is a new parameter) and give ``B`` the same lr and weight decay
-    as ``W`` (the default when both are in one param group).
+    ``B`` is a new parameter. An optimizer built after conversion holds it in ``W``'s param group (same lr and
+    weight decay); one built before conversion gets it added to ``W``'s group at its next step
+    (:mod:`bioprop.learned`), which gives the same run.
 
     Args:
         scale: scale convention of the initial random ``B``.

@@ -36,6 +36,7 @@ from .rules import DirectFeedbackAlignment, IndirectFeedbackAlignment, remove_di
 __all__ = [
     "DirectFeedback", "DirectFeedbackAlignment", "IndirectFeedbackAlignment", "remove_direct_feedback",
     "exact_gradients", "markers", "initialize", "DIRECT_SCALES", "direct_scale", "draw_direct_feedback",
+    "redraw_direct_feedback",
 ]
 
 
@@ -89,3 +90,20 @@ def initialize(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
         model.train(was_training)
     return model
 
+
+
+@torch.no_grad()
+def redraw_direct_feedback(model: nn.Module) -> nn.Module:
+    """Draw every ``D`` of ``model`` that has been drawn again, in place, from the conversion seed and the
+    marker's name (the values the first training forward pass drew). Used by :func:`bioprop.reset_feedback`.
+    Returns the model."""
+    for controller in find_controllers(model):
+        controller._stacked = None  # a cache of the stacked D's
+        for _, marker in controller.markers:
+            d = marker.feedback_matrix
+            if d is None or d.is_meta:
+                continue
+            fresh = draw_direct_feedback(d.shape[0], d.shape[1], controller.rule.scale,  # type: ignore[attr-defined]
+                                         controller.seed, marker.feedback_name)
+            d.copy_(fresh)
+    return model

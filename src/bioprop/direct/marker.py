@@ -161,6 +161,13 @@ class DirectFeedback(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        was_meta = self.feedback_matrix is not None and self.feedback_matrix.is_meta
+        result = super()._apply(fn, recurse)
+        if was_meta and not self.feedback_matrix.is_meta:  # to_empty(): no values; the next forward draws D again
+            self.feedback_matrix = None
+        return result
+
     def extra_repr(self) -> str:
         shape = None if self.feedback_matrix is None else tuple(self.feedback_matrix.shape)
         active = self.__dict__["_controller"] is not None
