@@ -159,8 +159,8 @@ def _allowed() -> str:
 
 
 def _load_builtin_rules() -> None:
-    # The direct rules live in their own module; importing it registers them.
-    from . import direct  # noqa: F401
+    # The direct rules and the backprop controls live in their own modules; importing them registers them.
+    from . import direct, rules_controls  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -358,21 +358,29 @@ class BatchRandomSignConcordant(_SignConcordant):
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
+        _register(layer, "feedback_magnitude", torch.zeros_like(layer.weight.detach()))
+        self._init_draws(layer, generator)
+        super().init_state(layer, generator)
+
+    def _init_draws(self, layer: nn.Module, generator: torch.Generator) -> None:
+        # The redraw mechanism (this method, _redraw, before_forward, after_load) is shared: bp_noise reuses it.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         _register(layer, "feedback_seed", torch.tensor(seed, dtype=torch.int64))
         _register(layer, "feedback_draws", torch.tensor(0, dtype=torch.int64))
         _register(layer, "feedback_used", torch.tensor(0, dtype=torch.int64))  # int: gloo has no bool
-        _register(layer, "feedback_magnitude", torch.zeros_like(layer.weight.detach()))
         self._redraw(layer)
-        super().init_state(layer, generator)
 
     def _redraw(self, layer: nn.Module) -> None:
         draws = int(layer.feedback_draws)
         generator = torch.Generator(device=layer.weight.device)
         generator.manual_seed((int(layer.feedback_seed) + 7919 * draws) % (2**62))
         with torch.no_grad():
-            draw_magnitude_8bit(layer.weight, self.scale, generator, out=layer.feedback_magnitude)
+            self._draw(layer, generator)
             layer.feedback_draws.fill_(draws + 1)
+
+    def _draw(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """Fill the per-update random state from ``generator``: here the magnitudes ``|M_t|``."""
+        draw_magnitude_8bit(layer.weight, self.scale, generator, out=layer.feedback_magnitude)
 
     def before_forward(self, layer: nn.Module) -> None:
         # The first forward uses the current draw (whatever in-place writes, such as DDP's initial broadcast,
