@@ -1,4 +1,4 @@
-"""The backprop controls (bp_noise, bp_alignment), against closed forms in NumPy."""
+"""The backprop controls (bp_noise, bp_alignment) and the uSF norm readings, against closed forms in NumPy."""
 from __future__ import annotations
 
 import copy
@@ -171,3 +171,42 @@ def test_options_are_checked() -> None:
                            ("bp_alignment", "angle", 181.0), ("bp_alignment", "angle", -1)]:
         with pytest.raises(ValueError, match=f"{rule} option {key} must be"):
             bioprop.convert(mlp(), rule, **{key: bad})
+    with pytest.raises(ValueError, match="allowed: None, 'init', 'sn'$"):
+        bioprop.convert(mlp(), "frsf", norm="fa_init")  # frsf's magnitudes are random already
+    with pytest.raises(ValueError, match="allowed: None, 'init', 'sn', 'fa_init'"):
+        bioprop.convert(mlp(), "usf", norm="SN")
+
+
+# ----------------------------------------------------------------------------------------------- uSF readings
+
+
+def test_usf_norm_readings_against_the_third_party_definitions() -> None:
+    """SN: B_t = ‖W_t‖·sign(W_t)/‖sign(W_t)‖ (ours = theirs). Init.: ours c·sign(W_t) with ‖B_0‖ = ‖W_0‖;
+    theirs (norm="fa_init") |B₀| ∘ sign(W_t) with B₀ fa's B (= frsf)."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(30, 20), nn.Tanh(), nn.Conv1d(1, 4, 3))  # only the B's are read: never run
+
+    def converted(rule: str, **options: object) -> nn.Module:
+        return bioprop.convert(copy.deepcopy(base).double(), rule, seed=5, **options)
+
+    sn, init, fa_init = converted("usf", norm="sn"), converted("usf", norm="init"), converted("usf", norm="fa_init")
+    fa, frsf = converted("fa"), converted("frsf")
+    w0 = {name: np_(base.get_submodule(name).weight) for name in ("0", "2")}
+    for net in (sn, init, fa_init):  # W_t: every weight moved, and some signs flipped
+        with torch.no_grad():
+            for name in ("0", "2"):
+                weight = net.get_submodule(name).weight
+                weight.mul_(1.7).add_(0.05 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(9),
+                                                         dtype=weight.dtype))
+    for name in ("0", "2"):
+        wt = np_(sn.get_submodule(name).weight)
+        s = np.sign(wt)
+        np.testing.assert_allclose(np_(bioprop.feedback_weights(sn)[name]),
+                                   np.linalg.norm(wt) * s / np.linalg.norm(s), rtol=1e-12)
+        # ours: a uniform magnitude fixed at conversion so that ‖B_0‖ = ‖W_0‖
+        c = np.linalg.norm(w0[name]) / np.linalg.norm(np.sign(w0[name]))
+        np.testing.assert_allclose(np_(bioprop.feedback_weights(init)[name]), c * s, rtol=1e-12)
+        # theirs: FA's initial B, its magnitudes kept, its signs following W_t
+        b0 = np_(bioprop.feedback_weights(fa)[name])
+        np.testing.assert_array_equal(np_(bioprop.feedback_weights(fa_init)[name]), np.abs(b0) * s)
+        np.testing.assert_array_equal(np_(frsf.get_submodule(name).feedback_magnitude), np.abs(b0))

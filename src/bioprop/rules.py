@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 SCALE_CONVENTIONS = ("xiao2018", "biotorch", "unit")
-NORM_MODES = (None, "init", "sn")
+NORM_MODES = (None, "init", "sn", "fa_init")
 
 _RULES: dict[str, type["Rule"]] = {}
 _ALIASES: dict[str, str] = {}
@@ -174,9 +174,9 @@ def _check_scale(scale: str | float) -> None:
         raise ValueError(f"scale must be one of {', '.join(SCALE_CONVENTIONS)} or a positive float, got {scale!r}")
 
 
-def _check_norm(norm: str | None) -> None:
-    if norm not in NORM_MODES:
-        raise ValueError(f"unknown norm {norm!r}; allowed: None, 'init', 'sn'")
+def _check_norm(norm: str | None, allowed: tuple = NORM_MODES[:3]) -> None:
+    if norm not in allowed:
+        raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
 def feedback_scale(weight: Tensor, scale: str | float) -> float:
@@ -294,15 +294,18 @@ class _SignConcordant(LayerRule):
 
     ``norm`` selects the moskovitz2018 norm control: None leaves B at its convention's scale; ``"init"``
     rescales B once, at conversion, so that ``‖B‖_F = ‖W_0‖_F`` (the factor is kept in the buffer
-    ``feedback_norm_scale``); ``"sn"`` rescales B at every step so that ``‖B‖_F = ‖W_t‖_F``.
+    ``feedback_norm_scale``); ``"sn"`` rescales B at every step so that ``‖B‖_F = ‖W_t‖_F``. ``usf`` also takes
+    ``"fa_init"`` (a third-party reading of "Init.", see :class:`UniformSignConcordant`).
     """
 
     scale: str | float = "xiao2018"
     norm: str | None = None
 
+    allowed_norms: ClassVar[tuple] = NORM_MODES[:3]
+
     def __post_init__(self) -> None:
         _check_scale(self.scale)
-        _check_norm(self.norm)
+        _check_norm(self.norm, self.allowed_norms)
 
     def _magnitude(self, layer: nn.Module) -> Tensor | float:
         raise NotImplementedError
@@ -333,12 +336,27 @@ class UniformSignConcordant(_SignConcordant):
     """Uniform sign-concordant feedback / sign symmetry (liao2016, xiao2018): ``B = s · sign(W)``, from the
     current W at every step.
 
+    ``norm="fa_init"`` is a third-party reading of moskovitz2018's "Init.": ``B_t = |B₀| ∘ sign(W_t)`` with
+    ``B₀`` drawn as ``fa`` draws its B (same seed, same scale: ``|B₀|`` is the magnitude of the B that ``fa``
+    would use), kept in the buffer ``feedback_magnitude``. The B is then the one ``frsf`` gives.
+
     Args:
         scale: the magnitude convention of s (module docstring).
-        norm: None, ``"init"`` or ``"sn"`` (moskovitz2018 norm control, see :class:`_SignConcordant`).
+        norm: None, ``"init"``, ``"sn"`` (moskovitz2018 norm control, see :class:`_SignConcordant`) or
+            ``"fa_init"``.
     """
 
+    allowed_norms: ClassVar[tuple] = NORM_MODES
+
+    def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
+        if self.norm == "fa_init":
+            magnitude = draw_feedback(layer.weight.detach(), self.scale, generator).abs_()
+            _register(layer, "feedback_magnitude", magnitude)
+        super().init_state(layer, generator)
+
     def _magnitude(self, layer: nn.Module) -> Tensor | float:
+        if self.norm == "fa_init":
+            return layer.feedback_magnitude
         return feedback_scale(layer.weight, self.scale)
 
 
