@@ -139,7 +139,8 @@ class BackpropAlignment(LayerRule):
             ww_safe = ww.clamp_min(tiny)
             vv = (1.0 - uw * uw / ww_safe).clamp_min(0.0)  # ‖V‖², with ‖U‖ = 1
             # β = ‖W‖ sin θ / ‖V‖ and α = cos θ − β (U·W)/‖W‖²; without an orthogonal direction (‖V‖ ≈ 0), β = 0
-            beta = torch.where(vv > 1e-12, math.sin(theta) * (ww / vv.clamp_min(tiny)).sqrt(), torch.zeros_like(vv))
+            beta = torch.where(vv > 1e-12, math.sin(theta) * (ww / vv.clamp_min(tiny)).sqrt(),
+                               torch.zeros_like(vv))
             alpha = math.cos(theta) - beta * uw / ww_safe
             direction = layer.feedback_direction.to(weight.dtype)
             return torch.addcmul(weight * alpha.to(weight.dtype), direction, beta.to(weight.dtype))

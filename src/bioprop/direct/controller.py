@@ -240,7 +240,8 @@ class Controller:
             marker.feedback_matrix = feedback
         elif feedback.shape != (n_out, n_units):
             raise ValueError(f"marker {marker.feedback_name!r} holds D of shape {tuple(feedback.shape)}, but this "
-                             f"forward pass needs ({n_out}, {n_units}) (sizes of the error sources, marked size per position): "
+                             f"forward pass needs ({n_out}, {n_units}) (sizes of the error sources, marked size per "
+                             "position): "
                              "D is fixed once drawn, so the sizes after the batch dims must not change")
         elif feedback.device != like.device:
             feedback = marker.feedback_matrix = feedback.to(like.device)
@@ -261,8 +262,8 @@ class Controller:
     def _indirect_plan(self, record: _Record, markers: list[DirectFeedback], hidden: list[Tensor],
                        sizes: list[int]) -> Plan:
         if markers != self._chain[:len(markers)] or len(set(map(id, markers))) != len(markers):
-            raise ValueError(f"{self.rule.name} passes the error between blocks in the order of the markers, so each marker "
-                             "must run once per forward pass, in registration order; got "
+            raise ValueError(f"{self.rule.name} passes the error between blocks in the order of the markers, so each "
+                             "marker must run once per forward pass, in registration order; got "
                              + " -> ".join(repr(m.feedback_name) for m in markers))
         bd = self.batch_dims
         pre_activations: list[Tensor] = []
@@ -271,16 +272,18 @@ class Controller:
             entry = marker.__dict__["_entry_module"]
             captured = record.entry_outputs.get(id(entry))
             if captured is None:
-                raise ValueError(f"{self.rule.name}: the first layer of the block marked by {marker.feedback_name!r} did not run "
-                                 "with gradients in this forward pass")
+                raise ValueError(f"{self.rule.name}: the first layer of the block marked by {marker.feedback_name!r} "
+                                 "did not run with gradients in this forward pass")
             pre, version = captured
             if pre._version != version:
-                raise ValueError(f"{self.rule.name} reads the output of each block's first layer, but the block marked by "
-                                 f"{marker.feedback_name!r} modifies it in place (e.g. ReLU(inplace=True)); use the "
+                raise ValueError(f"{self.rule.name} reads the output of each block's first layer, but the block marked "
+                                 f"by {marker.feedback_name!r} modifies it in place (e.g. ReLU(inplace=True)); use the "
                                  "out-of-place op")
             if pre.shape[:bd] != h.shape[:bd] or (self.indirect and _prod(pre.shape[bd:]) != sizes[index]):
-                raise ValueError(f"{self.rule.name} needs each block to keep its size from its first layer to its marker (only "
-                                 f"elementwise ops, normalisation, dropout or reshapes in between, no pooling); the "
+                kept = ("its size from its first layer to its marker (only elementwise ops, normalisation, dropout "
+                        "or reshapes in between, no pooling)") if self.indirect else \
+                    f"its first batch_dims={bd} dimensions from its first layer to its marker"
+                raise ValueError(f"{self.rule.name} needs each block to keep {kept}; the "
                                  f"block marked by {marker.feedback_name!r} goes from {tuple(pre.shape)} to "
                                  f"{tuple(h.shape)}")
             pre_activations.append(pre)

@@ -1,4 +1,5 @@
-"""The ``dfa``, ``ifa`` and ``dense_fa`` rules: conversion of a model to direct, indirect or dense feedback alignment."""
+"""The ``dfa``, ``ifa`` and ``dense_fa`` rules: conversion of a model to direct, indirect or dense feedback
+alignment."""
 from __future__ import annotations
 
 import warnings
