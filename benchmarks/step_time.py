@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         "Ratios are medians over rounds of per-round ratios (variants alternate within a round); below 1 means "
         "faster than native autograd. mlp = 3x800 tanh MLP, convnet = two 3x3 conv/ReLU/pool stages + linear; "
         "batch 128, 28x28 inputs, SGD with momentum. BioTorch has no sham, partial concordance, Kolen-Pollack, "
-        "weight-mirror or IFA layers (—).",
+        "weight-mirror, IFA, DenseFA or backprop-control (bp_noise, bp_alignment) layers (—). The per-layer "
+        "controls bp_noise and bp_alignment are measured at their default options.",
         "",
     ]
     text = "\n".join(header + lines) + "\n"

@@ -11,7 +11,7 @@ from torch import nn
 import bioprop
 from ddp_harness import run_two_processes
 
-RULES = ["fa", "usf", "brsf", "frsf", "partial_concordance", "kp"]
+RULES = ["fa", "usf", "brsf", "frsf", "partial_concordance", "kp", "bp_noise", "bp_alignment"]
 STEPS = 3
 GLOBAL_BATCH = 8
 
@@ -47,5 +47,5 @@ def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
         for key, value in single.state_dict().items():
             torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)  # ranks identical
             torch.testing.assert_close(rank0[key], value, rtol=1e-5, atol=1e-6, msg=f"{rule}: {key}")
-        if rule == "brsf":
+        if rule in ("brsf", "bp_noise"):
             assert int(rank0["3.feedback_draws"]) == STEPS  # the conversion draw serves step 1, then one per update

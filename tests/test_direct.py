@@ -220,7 +220,7 @@ def test_ifa_convnet_relays_through_the_convolution() -> None:
     np.testing.assert_allclose(np_(net[2].bias.grad), delta2.sum((0, 2, 3)), rtol=1e-10)
 
 
-@pytest.mark.parametrize("rule", ["dfa", "ifa"])
+@pytest.mark.parametrize("rule", ["dfa", "ifa", "dense_fa"])
 def test_autograd_grad_and_accumulation_agree_with_backward(rule: str) -> None:
     torch.manual_seed(2)
     net = bioprop.convert(tanh_mlp(), rule, seed=5)
@@ -650,13 +650,13 @@ def ddp_train(model: nn.Module, data: list[tuple[Tensor, Tensor]]) -> None:
 @pytest.mark.slow
 def test_ddp_two_processes_match_one(tmp_path: Path) -> None:
     # DDP wraps each model before its first forward pass: D is drawn by each rank on its own.
-    states = run_two_processes(tmp_path, ["dfa", "ifa"], ddp_model, ddp_batches, ddp_train)
-    for rule in ("dfa", "ifa"):
+    states = run_two_processes(tmp_path, ["dfa", "ifa", "dense_fa"], ddp_model, ddp_batches, ddp_train)
+    for rule in ("dfa", "ifa", "dense_fa"):
         rank0, rank1 = states[rule]
         single = ddp_model(rule)
         ddp_train(single, ddp_batches())
         state = single.state_dict()
-        assert sum("feedback_matrix" in k for k in state) == (2 if rule == "dfa" else 1)
+        assert sum("feedback_matrix" in k for k in state) == {"dfa": 2, "ifa": 1, "dense_fa": 2}[rule]
         assert list(rank0) == list(state)
         for key, value in state.items():
             torch.testing.assert_close(rank0[key], rank1[key], rtol=0, atol=0)  # D and weights identical on ranks

@@ -221,7 +221,7 @@ def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
 SMALL_INPUT = {"alexnet": 63, "alexnet_bn": 63, "resnet18": 16, "resnet34": 16, "resnet50": 16, "lenet": 28,
                "nokland_convnet": 15, "tf_cifar10": 24}
 SMALL_OPTIONS = {"alexnet": {"hidden": 512}, "alexnet_bn": {"hidden": 512}}
-DIRECT_RULES = ("dfa", "ifa")
+DIRECT_RULES = ("dfa", "ifa", "dense_fa")
 
 
 @functools.lru_cache(maxsize=1)
@@ -236,8 +236,9 @@ def base_model(name: str) -> tuple[nn.Module, int, int]:
 
 def ifa_refuses(rule: str, err: Exception) -> bool:
     """ifa sends the error forward through the first layer of each block, so it needs blocks that keep their size
-    and start with a linear/conv layer; the library refuses other layouts with a ValueError naming ifa."""
-    return rule == "ifa" and isinstance(err, ValueError) and "ifa" in str(err)
+    and start with a linear/conv layer (dense_fa reads each block's error there, so it needs the latter); the
+    library refuses other layouts with a ValueError naming the rule."""
+    return rule in ("ifa", "dense_fa") and isinstance(err, ValueError) and rule in str(err)
 
 
 @pytest.mark.parametrize("rule", bioprop.list_rules())

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 SCALE_CONVENTIONS = ("xiao2018", "biotorch", "unit")
-NORM_MODES = (None, "init", "sn")
+NORM_MODES = (None, "init", "sn", "fa_init")
 
 _RULES: dict[str, type["Rule"]] = {}
 _ALIASES: dict[str, str] = {}
@@ -167,8 +167,8 @@ def _allowed() -> str:
 
 
 def _load_builtin_rules() -> None:
-    # The direct rules live in their own module; importing it registers them.
-    from . import direct  # noqa: F401
+    # The direct rules and the backprop controls live in their own modules; importing them registers them.
+    from . import direct, rules_controls  # noqa: F401
 
 
 # ----------------------------------------------------------------------------------------------- scales
@@ -182,9 +182,9 @@ def _check_scale(scale: str | float) -> None:
         raise ValueError(f"scale must be one of {', '.join(SCALE_CONVENTIONS)} or a positive float, got {scale!r}")
 
 
-def _check_norm(norm: str | None) -> None:
-    if norm not in NORM_MODES:
-        raise ValueError(f"unknown norm {norm!r}; allowed: None, 'init', 'sn'")
+def _check_norm(norm: str | None, allowed: tuple = NORM_MODES[:3]) -> None:
+    if norm not in allowed:
+        raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
 def feedback_scale(weight: Tensor, scale: str | float) -> float:
@@ -317,15 +317,18 @@ class _SignConcordant(LayerRule):
 
     ``norm`` selects the moskovitz2018 norm control: None leaves B at its convention's scale; ``"init"``
     rescales B once, at conversion, so that ``‖B‖_F = ‖W_0‖_F`` (the factor is kept in the buffer
-    ``feedback_norm_scale``); ``"sn"`` rescales B at every step so that ``‖B‖_F = ‖W_t‖_F``.
+    ``feedback_norm_scale``); ``"sn"`` rescales B at every step so that ``‖B‖_F = ‖W_t‖_F``. ``usf`` also takes
+    ``"fa_init"`` (a third-party reading of "Init.", see :class:`UniformSignConcordant`).
     """
 
     scale: str | float = "xiao2018"
     norm: str | None = None
 
+    allowed_norms: ClassVar[tuple] = NORM_MODES[:3]
+
     def __post_init__(self) -> None:
         _check_scale(self.scale)
-        _check_norm(self.norm)
+        _check_norm(self.norm, self.allowed_norms)
 
     def _magnitude(self, layer: nn.Module) -> Tensor | float:
         raise NotImplementedError
@@ -356,12 +359,27 @@ class UniformSignConcordant(_SignConcordant):
     """Uniform sign-concordant feedback / sign symmetry (liao2016, xiao2018): ``B = s · sign(W)``, from the
     current W at every step.
 
+    ``norm="fa_init"`` is a third-party reading of moskovitz2018's "Init.": ``B_t = |B₀| ∘ sign(W_t)`` with
+    ``B₀`` drawn as ``fa`` draws its B (same seed, same scale: ``|B₀|`` is the magnitude of the B that ``fa``
+    would use), kept in the buffer ``feedback_magnitude``. The B is then the one ``frsf`` gives.
+
     Args:
         scale: the magnitude convention of s (module docstring).
-        norm: None, ``"init"`` or ``"sn"`` (moskovitz2018 norm control, see :class:`_SignConcordant`).
+        norm: None, ``"init"``, ``"sn"`` (moskovitz2018 norm control, see :class:`_SignConcordant`) or
+            ``"fa_init"``.
     """
 
+    allowed_norms: ClassVar[tuple] = NORM_MODES
+
+    def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
+        if self.norm == "fa_init":
+            magnitude = draw_feedback(layer.weight.detach(), self.scale, generator).abs_()
+            _register(layer, "feedback_magnitude", magnitude)
+        super().init_state(layer, generator)
+
     def _magnitude(self, layer: nn.Module) -> Tensor | float:
+        if self.norm == "fa_init":
+            return layer.feedback_magnitude
         return feedback_scale(layer.weight, self.scale)
 
 
@@ -382,22 +400,31 @@ class BatchRandomSignConcordant(_SignConcordant):
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
+        _register(layer, "feedback_magnitude", torch.zeros_like(layer.weight.detach()))
+        self._init_draws(layer, generator)
+        super().init_state(layer, generator)
+
+    def _init_draws(self, layer: nn.Module, generator: torch.Generator) -> None:
+        # The redraw mechanism (this method, _redraw, before_forward, after_load, before_save) is shared: bp_noise
+        # reuses it.
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         _register(layer, "feedback_seed", torch.tensor(seed, dtype=torch.int64))
         _register(layer, "feedback_draws", torch.tensor(0, dtype=torch.int64))
         _register(layer, "feedback_used", torch.tensor(0, dtype=torch.int64))  # int: gloo has no bool
-        _register(layer, "feedback_magnitude", torch.zeros_like(layer.weight.detach()))
         if not layer.weight.is_meta:  # on meta there is nothing to draw into: bioprop.reset_feedback draws later
             self._redraw(layer)
-        super().init_state(layer, generator)
 
     def _redraw(self, layer: nn.Module) -> None:
         draws = int(layer.feedback_draws)
         generator = torch.Generator(device=layer.weight.device)
         generator.manual_seed((int(layer.feedback_seed) + 7919 * draws) % (2**62))
         with torch.no_grad():
-            draw_magnitude_8bit(layer.weight, self.scale, generator, out=layer.feedback_magnitude)
+            self._draw(layer, generator)
             layer.feedback_draws.fill_(draws + 1)
+
+    def _draw(self, layer: nn.Module, generator: torch.Generator) -> None:
+        """Fill the per-update random state from ``generator``: here the magnitudes ``|M_t|``."""
+        draw_magnitude_8bit(layer.weight, self.scale, generator, out=layer.feedback_magnitude)
 
     def before_forward(self, layer: nn.Module) -> None:
         if redraw_due(layer):

@@ -10,7 +10,9 @@ runs; nothing flows from one block to the block below. The user's loop is unchan
     loss.backward()                                    # trains every block; one matmul e·[D_1 … D_L]
     opt.step()
 
-``"ifa"`` sends the error to the first block only and on from block to block through the forward weights.
+``"ifa"`` sends the error to the first block only and on from block to block through the forward weights;
+``"dense_fa"`` sends every block the output error and the error of every block above it, each through its own
+fixed random matrix.
 The definitions, the placement rules and the options are in ``docs/direct.md``.
 
 Public helpers:
@@ -31,10 +33,11 @@ from torch import nn
 
 from .controller import find_controllers
 from .marker import DIRECT_SCALES, DirectFeedback, direct_scale, draw_direct_feedback
-from .rules import DirectFeedbackAlignment, IndirectFeedbackAlignment, remove_direct_feedback
+from .rules import DenseFeedbackAlignment, DirectFeedbackAlignment, IndirectFeedbackAlignment, remove_direct_feedback
 
 __all__ = [
-    "DirectFeedback", "DirectFeedbackAlignment", "IndirectFeedbackAlignment", "remove_direct_feedback",
+    "DirectFeedback", "DirectFeedbackAlignment", "IndirectFeedbackAlignment", "DenseFeedbackAlignment",
+    "remove_direct_feedback",
     "exact_gradients", "markers", "initialize", "DIRECT_SCALES", "direct_scale", "draw_direct_feedback",
     "redraw_direct_feedback",
 ]

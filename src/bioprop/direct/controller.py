@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..rules import DirectRule
 from .marker import DirectFeedback, draw_direct_feedback
-from .projection import DirectProjection, IndirectProjection, Plan
+from .projection import DenseProjection, DirectProjection, IndirectProjection, Plan
 
 __all__ = ["Controller", "CONTROLLER_ATTR", "STASH_ATTR", "config_key", "find_controllers"]
 
@@ -33,7 +33,7 @@ STASH_ATTR = "_bioprop_direct_stash"
 
 @dataclass
 class _Record:
-    """What the markers (and, for ifa, the blocks' first layers) saw during one forward pass."""
+    """What the markers (and, for ifa/dense_fa, the blocks' first layers) saw during one forward pass."""
 
     marked: list[tuple[DirectFeedback, Tensor]] = field(default_factory=list)
     entry_outputs: dict[int, tuple[Tensor, int]] = field(default_factory=dict)  # id(layer): (output, version)
@@ -73,7 +73,7 @@ class _MarkerHook:
 
 
 class _EntryHook:
-    """ifa: keeps the output of a block's first layer, where the error relayed to the next block is read."""
+    """ifa, dense_fa: keeps the output of a block's first layer, where the error passed to other blocks is read."""
 
     def __init__(self, controller: "Controller") -> None:
         self.controller = controller
@@ -113,7 +113,7 @@ class Controller:
     """The direct-feedback state of one converted model (kept as a plain attribute of the model's root).
 
     Args:
-        rule: the ``dfa``/``ifa`` policy (its options: ``scale``, ``batch_dims``, ``zero_init``).
+        rule: the ``dfa``/``ifa``/``dense_fa`` policy (its options: ``scale``, ``batch_dims``, ``zero_init``).
         seed: conversion seed of the ``D`` draws.
         exclude: the ``exclude`` argument of the conversion (part of the configuration key).
         markers: ``(name, marker)`` of the active markers, in forward order.
@@ -128,7 +128,8 @@ class Controller:
         self.markers = markers
         self.auto = auto
         self.batch_dims: int = rule.batch_dims  # type: ignore[attr-defined]
-        self.indirect = rule.name == "ifa"
+        self.graph: str = rule.graph  # type: ignore[attr-defined]
+        self.indirect = self.graph == "indirect"
         self.exact = False
         self.stack: list[_Record] = []
         self._stacked: tuple[tuple, Tensor] | None = None
@@ -154,7 +155,7 @@ class Controller:
         for leaf, marker in self.auto:
             leaf.add_module(AUTO_CHILD, marker)
             leaf.register_forward_hook(_MarkerHook(marker))
-        if self.indirect:
+        if self.graph != "direct":  # the error of each block is read at its first layer's output
             for _, marker in self.markers:
                 marker.__dict__["_entry_module"].register_forward_hook(_EntryHook(self))
         root.register_forward_pre_hook(_RootPreHook(self))
@@ -214,10 +215,18 @@ class Controller:
                                  f"output has shape {tuple(output.shape)}; their first batch_dims={bd} dimensions "
                                  "must agree (set batch_dims to the number of leading batch/sequence dims)")
             sizes.append(_prod(h.shape[bd:]))
-        if not self.indirect:
+        if self.graph == "direct":
             feedback = self._stacked_feedback(markers, n_out, sizes, hidden)
             return DirectProjection.apply(output, feedback, Plan(markers, sizes), *hidden)
         plan = self._indirect_plan(record, markers, hidden, sizes)
+        if self.graph == "dense":
+            # D_l takes [e, δa_L, ..., δa_{l+1}]: n_out rows, then the first-layer outputs of the blocks above
+            rows, feedbacks = n_out, []
+            for marker, h, n_units, pre in reversed(list(zip(markers, hidden, sizes, plan.pre_activations))):
+                feedbacks.append(self._feedback_of(marker, rows, n_units, h))
+                rows += _prod(pre.shape[bd:])
+            plan.feedback = feedbacks[::-1]
+            return DenseProjection.apply(output, plan.feedback[-1], plan, *hidden)
         feedback = self._feedback_of(markers[0], n_out, sizes[0], hidden[0])
         return IndirectProjection.apply(output, feedback, plan, *hidden)
 
@@ -231,7 +240,8 @@ class Controller:
             marker.feedback_matrix = feedback
         elif feedback.shape != (n_out, n_units):
             raise ValueError(f"marker {marker.feedback_name!r} holds D of shape {tuple(feedback.shape)}, but this "
-                             f"forward pass needs ({n_out}, {n_units}) (output size, marked size per position): "
+                             f"forward pass needs ({n_out}, {n_units}) (sizes of the error sources, marked size per "
+                             "position): "
                              "D is fixed once drawn, so the sizes after the batch dims must not change")
         elif feedback.device != like.device:
             feedback = marker.feedback_matrix = feedback.to(like.device)
@@ -252,8 +262,8 @@ class Controller:
     def _indirect_plan(self, record: _Record, markers: list[DirectFeedback], hidden: list[Tensor],
                        sizes: list[int]) -> Plan:
         if markers != self._chain[:len(markers)] or len(set(map(id, markers))) != len(markers):
-            raise ValueError("ifa relays the error from block to block in the order of the markers, so each marker "
-                             "must run once per forward pass, in registration order; got "
+            raise ValueError(f"{self.rule.name} passes the error between blocks in the order of the markers, so each "
+                             "marker must run once per forward pass, in registration order; got "
                              + " -> ".join(repr(m.feedback_name) for m in markers))
         bd = self.batch_dims
         pre_activations: list[Tensor] = []
@@ -262,22 +272,24 @@ class Controller:
             entry = marker.__dict__["_entry_module"]
             captured = record.entry_outputs.get(id(entry))
             if captured is None:
-                raise ValueError(f"ifa: the first layer of the block marked by {marker.feedback_name!r} did not run "
-                                 "with gradients in this forward pass")
+                raise ValueError(f"{self.rule.name}: the first layer of the block marked by {marker.feedback_name!r} "
+                                 "did not run with gradients in this forward pass")
             pre, version = captured
             if pre._version != version:
-                raise ValueError(f"ifa reads the output of each block's first layer, but the block marked by "
-                                 f"{marker.feedback_name!r} modifies it in place (e.g. ReLU(inplace=True)); use the "
+                raise ValueError(f"{self.rule.name} reads the output of each block's first layer, but the block marked "
+                                 f"by {marker.feedback_name!r} modifies it in place (e.g. ReLU(inplace=True)); use the "
                                  "out-of-place op")
-            if pre.shape[:bd] != h.shape[:bd] or _prod(pre.shape[bd:]) != sizes[index]:
-                raise ValueError(f"ifa needs each block to keep its size from its first layer to its marker (only "
-                                 f"elementwise ops, normalisation, dropout or reshapes in between, no pooling); the "
+            if pre.shape[:bd] != h.shape[:bd] or (self.indirect and _prod(pre.shape[bd:]) != sizes[index]):
+                kept = ("its size from its first layer to its marker (only elementwise ops, normalisation, dropout "
+                        "or reshapes in between, no pooling)") if self.indirect else \
+                    f"its first batch_dims={bd} dimensions from its first layer to its marker"
+                raise ValueError(f"{self.rule.name} needs each block to keep {kept}; the "
                                  f"block marked by {marker.feedback_name!r} goes from {tuple(pre.shape)} to "
                                  f"{tuple(h.shape)}")
             pre_activations.append(pre)
-            if index > 0:
+            if index > 0 and self.indirect:
                 relays.append(_Relay(entry, hidden[index - 1].shape))
-        return Plan(markers, sizes, pre_activations, relays)  # type: ignore[arg-type]
+        return Plan(markers, sizes, pre_activations, relays if self.indirect else None)  # type: ignore[arg-type]
 
 
 #: name of the child module a placed marker takes inside the last module of its block

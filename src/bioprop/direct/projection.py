@@ -14,6 +14,10 @@ IFA (:class:`IndirectProjection`): :math:`\delta h_1 = e\,D_1`; for :math:`l \ge
 :math:`l-1`'s first layer (what autograd gives inside block :math:`l-1` for :math:`\delta h_{l-1}`) and
 :math:`F_l` is block :math:`l`'s first layer without its bias (the signal travels forward through the forward
 weights). For a tanh MLP this is nokland2016's :math:`\delta a_l = (W_l\,\delta a_{l-1}) \odot f'(a_l)`.
+
+DenseFA (:class:`DenseProjection`): from the top block down,
+:math:`\delta h_l = [e, \delta a_L, \dots, \delta a_{l+1}]\,D_l`, one matmul per block, with the same
+:math:`\delta a_k` as IFA reads (the error at block :math:`k`'s first-layer output).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from torch import Tensor
 
 from .marker import DirectFeedback
 
-__all__ = ["DirectProjection", "IndirectProjection", "Plan"]
+__all__ = ["DirectProjection", "IndirectProjection", "DenseProjection", "Plan"]
 
 
 @dataclass
@@ -38,12 +42,15 @@ class Plan:
         pre_activations: ifa only: ``pre_activations[l]`` is the output of block ``l``'s first layer (attached).
         relays: ifa only: ``relays[l]`` (``l >= 1``) is block ``l``'s first layer without bias; it maps the error
             at ``pre_activations[l - 1]`` to the signal for block ``l``.
+        feedback: dense_fa only: ``feedback[l]`` is block ``l``'s stacked ``D_l``,
+            ``(n_out + Σ_{k>l} n_a_k, n_units_l)``.
     """
 
     markers: list[DirectFeedback]
     sizes: list[int]
     pre_activations: list[Tensor] | None = None
     relays: list[Callable[[Tensor], Tensor] | None] | None = None
+    feedback: list[Tensor] | None = None
 
 
 def _errors(grad_output: Tensor, feedback: Tensor) -> Tensor:
@@ -110,18 +117,46 @@ class IndirectProjection(_OutputProjection):
         grads = [signal]
         plan.markers[0].store_signal(signal)
         for index in range(1, len(hidden)):
-            # δa of the block below, through that block's own ops (a local backward that stops at its first
-            # layer's output, touching no parameter); autograd repeats these cheap elementwise steps afterwards
-            # when it runs the whole block, with the same signal.
-            try:
-                (delta,) = torch.autograd.grad(hidden[index - 1], plan.pre_activations[index - 1], grads[-1],
-                                               retain_graph=True, create_graph=torch.is_grad_enabled())
-            except RuntimeError as error:
-                raise RuntimeError(f"ifa: the output of the block marked by {plan.markers[index - 1].feedback_name!r} "
-                                   "does not depend on the output of the layer named as its entry; check "
-                                   f"DirectFeedback(entry=...) ({error})") from error
+            delta = _block_error(plan, hidden, index - 1, grads[-1])
             signal = plan.relays[index](delta).reshape(hidden[index].shape)  # type: ignore[misc]
             plan.markers[index].store_signal(signal)
             grads.append(signal)
         return (grad_output, None, None, *grads)
+
+
+class DenseProjection(IndirectProjection):
+    """Identity on the output; backward sends ``[e, δa_L, …, δa_{l+1}] · D_l`` to every block, top block first.
+
+    It keeps the attached block outputs as :class:`IndirectProjection` does (to read each ``δa_k``).
+    """
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        plan: Plan = ctx.plan
+        hidden: tuple[Tensor, ...] = ctx.hidden
+        assert plan.pre_activations is not None and plan.feedback is not None
+        sources = _errors(grad_output, plan.feedback[-1])  # (N, n_out): e; then δa of each block, top first
+        grads: list[Tensor | None] = [None] * len(hidden)
+        for index in reversed(range(len(hidden))):
+            feedback = plan.feedback[index]  # (n_out + Σ_{k>index} n_a_k, n_units)
+            signal = sources.mm(feedback.to(sources.dtype)).view(hidden[index].shape)
+            plan.markers[index].store_signal(signal)
+            grads[index] = signal
+            if index > 0:
+                delta = _block_error(plan, hidden, index, signal)  # (N, ...) at block index's first layer
+                sources = torch.cat([sources, delta.reshape(sources.shape[0], -1).to(sources.dtype)], dim=1)
+        return (grad_output, None, None, *grads)
+
+
+def _block_error(plan: Plan, hidden: tuple[Tensor, ...], index: int, signal: Tensor) -> Tensor:
+    """δa of block ``index``: its signal taken back through the block's own ops to its first layer's output (a
+    local backward touching no parameter; autograd repeats these cheap steps when it runs the whole block)."""
+    try:
+        (delta,) = torch.autograd.grad(hidden[index], plan.pre_activations[index], signal,  # type: ignore[index]
+                                       retain_graph=True, create_graph=torch.is_grad_enabled())
+    except RuntimeError as error:
+        raise RuntimeError(f"the output of the block marked by {plan.markers[index].feedback_name!r} does not "
+                           "depend on the output of the layer named as its entry; check DirectFeedback(entry=...) "
+                           f"({error})") from error
+    return delta
 

@@ -1,4 +1,5 @@
-"""The ``dfa`` and ``ifa`` rules: conversion of a model to direct or indirect feedback alignment."""
+"""The ``dfa``, ``ifa`` and ``dense_fa`` rules: conversion of a model to direct, indirect or dense feedback
+alignment."""
 from __future__ import annotations
 
 import warnings
@@ -14,7 +15,7 @@ from .controller import CONTROLLER_ATTR, STASH_ATTR, Controller, config_key
 from .marker import DirectFeedback, check_direct_scale
 from .placement import FORWARD_TYPES, Placement, auto_placements, explicit_markers, is_excluded
 
-__all__ = ["DirectFeedbackAlignment", "IndirectFeedbackAlignment", "remove_direct_feedback"]
+__all__ = ["DirectFeedbackAlignment", "IndirectFeedbackAlignment", "DenseFeedbackAlignment", "remove_direct_feedback"]
 
 #: activations whose derivative at 0 is 0: a zero start leaves such a net with no signal at all
 _DEAD_AT_ZERO = (nn.ReLU, nn.ReLU6)
@@ -27,6 +28,10 @@ class _DirectBase(DirectRule):
     batch_dims: int = 1
 
     indirect: ClassVar[bool] = False
+    #: where the hidden blocks' signals come from: "direct" (the output error only), "indirect" (ifa: the block
+    #: below, forward) or "dense" (the output error and every block above); all but "direct" read each block's
+    #: error at its first layer (its entry)
+    graph: ClassVar[str] = "direct"
 
     def __post_init__(self) -> None:
         check_direct_scale(self.scale)
@@ -91,9 +96,9 @@ class _DirectBase(DirectRule):
         else:
             placements, output_name = auto_placements(model, exclude)
         for placement in placements:
-            if self.indirect and placement.entry is None:
-                raise ValueError(f"ifa sends the error forward through the first layer of each block, but the block "
-                                 f"marked by {placement.name!r} does not start with an nn.Linear/nn.Conv layer"
+            if self.graph != "direct" and placement.entry is None:
+                raise ValueError(f"{self.name} reads the error at the first layer of each block (its entry), but the "
+                                 f"block marked by {placement.name!r} does not start with an nn.Linear/nn.Conv layer"
                                  + ("" if placement.leaf is not None else
                                     "; name it with DirectFeedback(entry='<layer name>')"))
         return placements, output_name
@@ -157,6 +162,32 @@ class IndirectFeedbackAlignment(_DirectBase):
     """
 
     indirect: ClassVar[bool] = True
+    graph: ClassVar[str] = "indirect"
+
+
+@register_rule("dense_fa", aliases=("densefa", "dense_feedback_alignment"))
+@dataclass
+class DenseFeedbackAlignment(_DirectBase):
+    r"""Dense feedback alignment (moskovitz2018 "DenseFA", as bioprop reads it): every hidden block gets fixed
+    random feedback from the output error and from the error of every block above it.
+
+    With blocks :math:`1 \dots L` (hidden, in forward order), :math:`e = \partial L/\partial \hat y` and
+    :math:`\delta a_k` the error at the output of block ``k``'s first layer (what autograd gives inside block
+    ``k`` for its signal :math:`\delta h_k`):
+
+    .. math:: \delta h_l = e\,D_{out 	o l} + \sum_{k > l} \delta a_k\,D_{k 	o l}
+
+    computed from the top block down, each block as one matmul :math:`[e, \delta a_L, \dots, \delta a_{l+1}]\,D_l`
+    with the stacked :math:`D_l` of shape ``(n_out + Σ_{k>l} n_a_k, n_units_l)`` (the marker's
+    ``feedback_matrix``; rows from the output first, then from block L down to block l + 1). For a tanh MLP
+    :math:`\delta a_l = \delta h_l \odot f'(a_l)`. The top block is trained exactly as by ``dfa``; the
+    feedback graph is dense, between FA (the adjacent block only) and DFA (the output only). Every block must
+    start with an ``nn.Linear``/``nn.Conv`` layer (its entry); its size may change inside the block. Options as
+    for ``dfa`` (the ``"biotorch"`` scale takes the stacked row count as its fan). Cost and memory:
+    ``docs/direct.md``.
+    """
+
+    graph: ClassVar[str] = "dense"
 
 
 def _zero_init(model: nn.Module) -> None:
