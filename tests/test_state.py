@@ -71,7 +71,7 @@ def test_brsf_state_saved_after_an_update_redraws_once_when_loaded() -> None:
     assert torch.equal(other[4].feedback_magnitude, net[4].feedback_magnitude)
 
 
-STATEFUL = ["fa", "usf", "brsf", "frsf", "partial_concordance", "kp", "wm"]
+STATEFUL = ["fa", "usf", "brsf", "frsf", "partial_concordance", "kp", "wm", "bp_noise", "bp_alignment"]
 
 
 def small_convnet() -> nn.Sequential:
