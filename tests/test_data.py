@@ -339,19 +339,24 @@ def test_cifar10_python_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         load_dataset("cifar10", root=tmp_path)
 
 
-def test_cifar100_uses_fine_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(1)
-    folder = tmp_path / "cifar100" / "cifar-100-python"
-    folder.mkdir(parents=True)
-    content = {}
-    for name, n in (("train", 5), ("test", 2)):
+def write_cifar100(folder: Path, rng: np.random.Generator, sizes: tuple[int, int] = (5, 2)
+                   ) -> tuple[dict[str, tuple[np.ndarray, list[int]]], dict[str, str]]:
+    """The official ``train`` and ``test`` pickles; returns their content and md5 sums."""
+    folder.mkdir(parents=True, exist_ok=True)
+    content, md5s = {}, {}
+    for name, n in zip(("train", "test"), sizes):
         rows, fine = cifar_rows(rng, n), rng.integers(0, 100, n).tolist()
         entry = {"filenames": ["x"] * n, "batch_label": name, "fine_labels": fine,
                  "coarse_labels": [f // 5 for f in fine], "data": rows}
         (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
-        content[name] = (rows, fine)
-    monkeypatch.setattr(Cifar100Source, "train_files", {"train": md5_file(folder / "train")})
-    monkeypatch.setattr(Cifar100Source, "test_files", {"test": md5_file(folder / "test")})
+        content[name], md5s[name] = (rows, fine), md5_file(folder / name)
+    return content, md5s
+
+
+def test_cifar100_uses_fine_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    content, md5s = write_cifar100(tmp_path / "cifar100" / "cifar-100-python", np.random.default_rng(1))
+    monkeypatch.setattr(Cifar100Source, "train_files", {"train": md5s["train"]})
+    monkeypatch.setattr(Cifar100Source, "test_files", {"test": md5s["test"]})
     train = load_dataset("cifar100", root=tmp_path)
     assert train.num_classes == 100 and train.labels.tolist() == content["train"][1]
     np.testing.assert_array_equal(train.images[4].numpy(), image_from_row(content["train"][0][4]))
@@ -385,19 +390,25 @@ def test_pickles_cannot_run_code() -> None:
     np.testing.assert_array_equal(loaded["data"], payload["data"])
 
 
-def test_svhn_mat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "svhn"
-    folder.mkdir()
+def write_svhn(folder: Path, rng: np.random.Generator, sizes: tuple[int, int] = (7, 3)
+               ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, tuple[str, str]]]:
+    """``train_32x32.mat`` and ``test_32x32.mat`` (label 10 stands for digit 0); returns the content and the
+    value of ``SvhnSource.files`` that accepts them."""
+    folder.mkdir(parents=True, exist_ok=True)
     content = {}
-    for part, n in (("train", 7), ("test", 3)):
+    for part, n in zip(("train", "test"), sizes):
         x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
         y = rng.integers(1, 11, (n, 1)).astype(np.uint8)
         y[0, 0] = 10
         scipy.io.savemat(folder / f"{part}_32x32.mat", {"X": x, "y": y})
         content[part] = (x, y)
-    monkeypatch.setattr(SvhnSource, "files", {p: (f"{p}_32x32.mat", md5_file(folder / f"{p}_32x32.mat"))
-                                              for p in ("train", "test")})
+    return content, {p: (f"{p}_32x32.mat", md5_file(folder / f"{p}_32x32.mat")) for p in ("train", "test")}
+
+
+def test_svhn_mat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "svhn"
+    content, files = write_svhn(folder, np.random.default_rng(0))
+    monkeypatch.setattr(SvhnSource, "files", files)
     train = load_dataset("svhn", root=tmp_path)
     x, y = content["train"]
     assert train.images.shape == (7, 3, 32, 32) and train.train_augmentation == "crop"

@@ -271,8 +271,10 @@ def _check_structure(experiment: Experiment, where: str) -> None:
         raise ExperimentError(f"{where}: the file needs at least one [[cells]] entry")
     seen = set()
     for i, entry in enumerate(cells):
-        _check_keys(entry, "cell", where, f"[[cells]] #{i + 1}")
+        if not isinstance(entry, dict):
+            raise ExperimentError(f"{where}: [[cells]] #{i + 1} must be a table")
         row, column = entry.get("row"), entry.get("column")
+        _check_keys(entry, "cell", where, f"cell {column}/{row}")
         if column not in axes["columns"]:
             raise ExperimentError(f"{where}: cell {column}/{row}: unknown column {column!r}; allowed: "
                                   f"{', '.join(sorted(axes['columns']))}")

@@ -1,0 +1,406 @@
+"""``bioprop reproduce``: every shipped experiment file parses and runs at smoke scale on tiny data in the official
+formats; resume after a kill, --print-commands + --collect and --collect itself give the same table; bad files
+give one line naming the file and the cell; claim verdicts and the aggregation against hand-computed values."""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bioprop.cli import main
+from bioprop.data.cifar import Cifar10Source, Cifar100Source
+from bioprop.data.mnist import FashionMnistSource, MnistSource
+from bioprop.data.svhn import SvhnSource
+from bioprop.engine import read_records
+from bioprop.experiments import (Claim, ExperimentError, build_table, collect, list_experiments, load_experiment,
+                                 make_plan, mean_std, print_commands, reproduce, run_config, verdict)
+from test_data import tiny_mnist, write_cifar10, write_cifar100, write_idx, write_image_folder, write_svhn
+
+SCALES = ("quick", "full", "smoke")
+
+
+def quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory: pytest.TempPathFactory):
+    """Every data set the files name, written small in its official format; checksums point at these files."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    patch = pytest.MonkeyPatch()
+    patch.setattr(MnistSource, "content_sha256", write_idx(root / "mnist", tiny_mnist(0, 24, 6), gz=False))
+    patch.setattr(FashionMnistSource, "content_sha256",
+                  write_idx(root / "fashion_mnist", tiny_mnist(1, 24, 6), gz=True))
+    patch.setattr(FashionMnistSource, "extra_dirs", ())
+    _, md5s = write_cifar10(root / "cifar-10-batches-py", rng)
+    patch.setattr(Cifar10Source, "train_files", {k: v for k, v in md5s.items() if k != "test_batch"})
+    patch.setattr(Cifar10Source, "test_files", {"test_batch": md5s["test_batch"]})
+    _, md5s = write_cifar100(root / "cifar100" / "cifar-100-python", rng, sizes=(16, 4))
+    patch.setattr(Cifar100Source, "train_files", {"train": md5s["train"]})
+    patch.setattr(Cifar100Source, "test_files", {"test": md5s["test"]})
+    _, files = write_svhn(root / "svhn", rng, sizes=(16, 4))
+    patch.setattr(SvhnSource, "files", files)
+    write_image_folder(root / "imagenet")
+    yield root
+    patch.undo()
+
+
+# ------------------------------------------------------------------------------------------ shipped files
+
+
+@pytest.mark.parametrize("name", list_experiments())
+def test_every_file_parses_and_every_cell_config_validates(name: str, tmp_path: Path) -> None:
+    experiment = load_experiment(name)
+    assert experiment.name == name and experiment.cell_ids()
+    for scale in SCALES:
+        plan = make_plan(experiment, scale, seeds=2, output_dir=tmp_path)
+        for cell in plan.cells:
+            assert cell.published is not None or any(cell.id in c.cells for c in experiment.claims), cell.id
+            assert cell.published is None or cell.source, cell.id
+            if not cell.missing:
+                config = run_config(plan, cell, 1)
+                assert config.seed == 1 and Path(config.output_dir) == tmp_path / scale / cell.column / cell.row / "s1"
+    smoke = experiment.cells("smoke")
+    assert all(c.values.get("max_steps", 0) > 0 for c in smoke), "the smoke scale caps every cell's steps"
+
+
+@pytest.mark.parametrize("name", list_experiments())
+def test_every_cell_runs_at_smoke_scale_and_a_table_comes_out(name: str, data_root: Path, tmp_path: Path) -> None:
+    table = reproduce(name, scale="smoke", output_dir=tmp_path, data_root=str(data_root), report=False,
+                      verbose=False, log=quiet)
+    experiment = load_experiment(name)
+    assert [c["id"] for c in table["cells"]] == experiment.cell_ids()  # nothing dropped
+    for cell in table["cells"]:
+        assert cell["status"] in ("done", "method not implemented"), (cell["id"], cell["status"], cell["reason"])
+        if cell["status"] == "method not implemented":
+            assert cell["reason"] and cell["mean"] is None
+            continue
+        run = tmp_path / "smoke" / cell["runs"][0]["run_dir"]
+        final = json.loads((run / "final.json").read_text())
+        epochs = [r for r in read_records(run / "metrics.jsonl") if r["kind"] == "epoch"]
+        expected = (final["test_error_at_best"] if final["selected_by"] == "val_error"
+                    else min(r["test_error"] for r in epochs) if table["metric"] == "best_test_error"
+                    else epochs[-1]["test_error"])
+        assert cell["mean"] == expected and cell["std"] is None and cell["seeds_done"] == 1
+        assert cell["steps"] <= experiment.cells("smoke")[0].values["max_steps"] * cell["epochs"]
+        if cell["published"] is not None:
+            assert cell["gap"] == pytest.approx(expected - cell["published"])
+    on_disk = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(table))
+    markdown = (tmp_path / "smoke" / "results.md").read_text()
+    assert all(f"| {c['column_label']} | {c['row_label']} |" in markdown for c in table["cells"])
+
+
+# ------------------------------------------------------------------------------------------ a small table
+
+TINY = '''
+[experiment]
+name = "tiny"
+title = "A small table on the 8x8 digits"
+paper = "test"
+source = "made up for the tests"
+
+[defaults]
+dataset = "digits"
+model = "mlp"
+model_args = { depth = 1, width = 16 }
+lr = 0.05
+batch_size = 64
+log_every = 0
+metrics_every = 0
+
+[scales.full]
+epochs = 3
+
+[scales.quick]
+epochs = 2
+max_steps = 4
+
+[scales.smoke]
+epochs = 1
+max_steps = 2
+
+[[columns]]
+id = "digits"
+label = "Digits MLP"
+
+[[columns]]
+id = "wide"
+label = "Digits MLP 1x32"
+config = { model_args = { width = 32 } }
+
+[[rows]]
+id = "bp"
+label = "BP"
+config = { rule = "backprop" }
+
+[[rows]]
+id = "fa"
+label = "FA"
+config = { rule = "fa" }
+
+[[rows]]
+id = "future"
+label = "A rule to come"
+config = { rule = "not_registered_yet", rule_options = { strength = 2 } }
+
+[[cells]]
+column = "digits"
+row = "bp"
+published = 5.0
+
+[[cells]]
+column = "digits"
+row = "fa"
+published = 8.0
+note = "FA cell"
+
+[[cells]]
+column = "wide"
+row = "fa"
+config = { lr = 0.02 }
+scales.quick = { epochs = 3 }
+
+[[cells]]
+column = "digits"
+row = "future"
+published = 6.0
+
+[[claims]]
+id = "fa_behind"
+text = "FA is behind BP"
+kind = "order"
+cells = ["digits/bp", "digits/fa", "wide/fa"]
+
+[[claims]]
+id = "future_close"
+text = "The rule to come is close to BP"
+kind = "within"
+cells = ["digits/future", "digits/bp"]
+tolerance = 1.0
+'''
+
+
+def tiny_file(tmp_path: Path, text: str = TINY, name: str = "tiny") -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+def without_timing(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: without_timing(v) for k, v in value.items() if k != "wall_time_s"}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    return value
+
+
+def test_cell_configs_merge_defaults_column_row_cell_then_scale(tmp_path: Path) -> None:
+    cells = {c.id: c for c in load_experiment(tiny_file(tmp_path)).cells("quick")}
+    wide = cells["wide/fa"].values
+    assert wide["model_args"] == {"depth": 1, "width": 32}  # tables merge key by key
+    assert wide["lr"] == 0.02 and wide["rule"] == "fa" and wide["epochs"] == 3 and wide["max_steps"] == 4
+    assert cells["digits/bp"].values["epochs"] == 2 and cells["digits/bp"].values["model_args"]["width"] == 16
+    assert cells["digits/future"].missing == "rule 'not_registered_yet' is not registered"
+    assert cells["digits/fa"].note == "FA cell" and cells["wide/fa"].published is None
+
+
+def test_kill_and_resume_gives_the_uninterrupted_table(tmp_path: Path) -> None:
+    path = tiny_file(tmp_path)
+    reference = reproduce(path, "quick", seeds=2, output_dir=tmp_path / "whole", report=False, verbose=False,
+                          log=quiet)
+
+    class Killed(Exception):
+        pass
+
+    steps = []
+
+    def kill(info: Any) -> None:
+        steps.append(info.step)
+        if len(steps) == 2 * 8 + 6:  # two finished digits/bp seeds (2 epochs x 4 steps), then mid-epoch 2 of fa s0
+            raise Killed
+
+    with pytest.raises(Killed):
+        reproduce(path, "quick", seeds=2, output_dir=tmp_path / "killed", report=False, verbose=False,
+                  on_step=kill, log=quiet)
+    killed = tmp_path / "killed" / "quick"
+    assert (killed / "digits" / "bp" / "s1" / "final.json").is_file()
+    assert (killed / "digits" / "fa" / "s0" / "checkpoint.pt").is_file()
+    assert not (killed / "digits" / "fa" / "s0" / "final.json").exists()
+    partial = collect(path, "quick", seeds=2, output_dir=tmp_path / "killed", report=False)
+    assert {c["id"]: c["status"] for c in partial["cells"]} == {
+        "digits/bp": "done", "digits/fa": "not run", "wide/fa": "not run", "digits/future": "method not implemented"}
+    lines: list[str] = []
+    resumed = reproduce(path, "quick", seeds=2, output_dir=tmp_path / "killed", report=False, verbose=False,
+                        log=lines.append)
+    assert len(lines) == 4 and "resuming after epoch 1" in lines[0]  # fa s0 resumed; fa s1, wide s0, s1 started
+    assert without_timing(resumed) == without_timing(reference)
+    again: list[str] = []
+    reproduce(path, "quick", seeds=2, output_dir=tmp_path / "killed", report=False, verbose=False, log=again.append)
+    assert again == []  # every run finished: nothing trains
+
+
+def test_print_commands_then_collect_gives_the_reproduce_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tiny_file(tmp_path)
+    reference = reproduce(path, "smoke", seeds=2, output_dir=tmp_path / "direct", report=False, verbose=False,
+                          log=quiet)
+    argv = ["reproduce", str(path), "--scale", "smoke", "--seeds", "2", "--output-dir", str(tmp_path / "cluster")]
+    assert main(argv + ["--print-commands"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 6  # 3 runnable cells x 2 seeds; the unregistered rule gets none
+    for command in commands:
+        words = shlex.split(command)
+        assert words[:2] == ["bioprop", "train"]
+        assert main(words[1:]) == 0
+    capsys.readouterr()
+    assert main(argv + ["--print-commands"]) == 0 and capsys.readouterr().out == ""  # nothing left to run
+    assert main(argv + ["--collect", "--no-report"]) == 0
+    collected = json.loads((tmp_path / "cluster" / "smoke" / "results.json").read_text())
+    assert without_timing(collected) == without_timing(json.loads(json.dumps(reference)))
+    # --collect over the runs reproduce made writes exactly the files reproduce wrote
+    direct = tmp_path / "direct" / "smoke"
+    before = {(direct / f).read_text() for f in ("results.json", "results.md")}
+    assert main(["reproduce", str(path), "--scale", "smoke", "--seeds", "2", "--output-dir", str(tmp_path / "direct"),
+                 "--collect", "--no-report"]) == 0
+    assert {(direct / f).read_text() for f in ("results.json", "results.md")} == before
+
+
+def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tiny_file(tmp_path)
+    argv = ["reproduce", str(path), "--scale", "smoke", "--output-dir", str(tmp_path / "out")]
+    assert main(argv + ["--list"]) == 0
+    listing = capsys.readouterr().out
+    assert "digits/future" in listing and "method not implemented: rule 'not_registered_yet'" in listing
+    assert 'rule="fa"' in listing and "steps/seed ?" in listing  # digits has no tabulated size
+    assert main(argv + ["--only", "digits/*", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "3 done" not in out and "2 done, 1 method not implemented" in out
+    report = tmp_path / "out" / "smoke" / "report" / "digits" / "report.html"
+    assert report.is_file() and "report/digits/report.html" in (tmp_path / "out" / "smoke" / "results.md").read_text()
+    assert main(argv + ["--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "s0: skip (finished)" in dry and "s0: start" in dry  # digits/* ran, wide/fa did not
+
+
+def test_missing_data_is_reported_with_how_to_get_it(tmp_path: Path) -> None:
+    text = TINY.replace('dataset = "digits"', 'dataset = "svhn"')
+    table = collect(tiny_file(tmp_path, text), "smoke", output_dir=tmp_path, data_root=str(tmp_path / "empty"),
+                    report=False)
+    statuses = {c["id"]: (c["status"], c["reason"]) for c in table["cells"]}
+    assert statuses["digits/bp"][0] == "data not present" and "train_32x32.mat" in statuses["digits/bp"][1]
+    assert statuses["digits/future"][0] == "method not implemented"
+    assert {c["id"]: c["verdict"] for c in table["claims"]} == {"fa_behind": "not testable here",
+                                                                  "future_close": "not testable here"}
+
+
+# ------------------------------------------------------------------------------------------ bad files
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('published = 8.0\nnote = "FA cell"', 'published = 8.0\nbogus = 1', r"cell digits/fa: unknown key 'bogus'"),
+    ("config = { lr = 0.02 }", "config = { lr = 0.02, learning_rate = 1 }",
+     r"cell wide/fa \(scale \w+\): unknown config key 'learning_rate'"),
+    ('config = { lr = 0.02 }', 'config = { lr = "fast" }', r"cell wide/fa \(scale \w+\): lr must be a number"),
+    ('[[claims]]\nid = "fa_behind"', '[[cells]]\ncolumn = "wide"\nrow = "bp"\n\n[[claims]]\nid = "fa_behind"',
+     r"cell wide/bp: no published value and no claim mentions it"),
+    ('column = "digits"\nrow = "fa"', 'column = "digits"\nrow = "ff"', r"cell digits/ff: unknown row 'ff'"),
+    ('column = "wide"', 'column = "narrow"', r"cell narrow/fa: unknown column 'narrow'"),
+    ('source = "made up for the tests"', 'status = "verified"', r"cell digits/bp: published value without a source"),
+    ("lr = 0.05", "lr = 0.05\nseed = 3", r"\[defaults\]: 'seed' is set by bioprop reproduce"),
+    ('cells = ["digits/bp", "digits/fa", "wide/fa"]', 'cells = ["digits/bp", "wide/fa", "wide/bp"]',
+     r"claim 'fa_behind': unknown cell 'wide/bp'"),
+    ('kind = "within"', 'kind = "near"', r"claim 'future_close': kind 'near'; allowed: order, within, below"),
+    ('[scales.smoke]\nepochs = 1', '[scales.tiny]\nepochs = 1', r"\[scales\]: unknown scale 'tiny'"),
+    ('name = "tiny"', 'name = "small"', r"\[experiment\]: name 'small' must equal the file name 'tiny'"),
+])
+def test_a_bad_file_gives_one_line_naming_the_file_and_the_cell(tmp_path: Path, old: str, new: str,
+                                                                message: str, capsys: pytest.CaptureFixture) -> None:
+    assert old in TINY
+    path = tiny_file(tmp_path, TINY.replace(old, new, 1))
+    with pytest.raises(ExperimentError, match=r"^tiny\.toml: " + message):
+        load_experiment(path)
+    assert main(["reproduce", str(path), "--list"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bioprop: error: tiny.toml: ")
+
+
+def test_an_unregistered_rule_is_not_an_error_but_an_unknown_key_is(tmp_path: Path) -> None:
+    load_experiment(tiny_file(tmp_path))  # 'not_registered_yet' loads: the cell is reported, not dropped
+    text = TINY.replace("rule_options = { strength = 2 }", "rule_options = { strength = 2 }, rule_opts = {}")
+    with pytest.raises(ExperimentError, match="cell digits/future .*unknown config key 'rule_opts'"):
+        load_experiment(tiny_file(tmp_path, text))
+    text = TINY.replace('config = { rule = "fa" }', 'config = { rule = "fa", rule_options = { strength = 2 } }')
+    cells = {c.id: c for c in load_experiment(tiny_file(tmp_path, text)).cells("smoke")}
+    assert "strength" in cells["digits/fa"].missing  # a registered rule without that option: not implemented
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+
+
+def entry(mean: float | None, status: str = "done") -> dict[str, Any]:
+    return {"mean": mean, "status": status}
+
+
+def test_claim_verdicts_on_hand_made_results() -> None:
+    order = Claim("o", "a < b < c", "order", ("a", "b", "c"), margin=0.5)
+    assert verdict(order, {"a": entry(1.0), "b": entry(1.5), "c": entry(3.0)})["verdict"] == "holds"
+    assert verdict(order, {"a": entry(1.0), "b": entry(1.4), "c": entry(3.0)})["verdict"] == "does not hold"
+    within = Claim("w", "a near b", "within", ("a", "b"), tolerance=0.3)
+    assert verdict(within, {"a": entry(1.2), "b": entry(1.0)})["verdict"] == "holds"
+    assert verdict(within, {"a": entry(0.6), "b": entry(1.0)})["verdict"] == "does not hold"
+    below = Claim("b", "a below 2", "below", ("a",), threshold=2.0)
+    assert verdict(below, {"a": entry(2.0)})["verdict"] == "holds"
+    assert verdict(below, {"a": entry(2.01)})["verdict"] == "does not hold"
+    missing = verdict(within, {"a": entry(None, "data not present"), "b": entry(1.0)})
+    assert missing == {"verdict": "not testable here", "reason": "a is data not present"}
+    assert verdict(within, {"a": entry(1.0, "partial"), "b": entry(1.0)})["verdict"] == "not testable here"
+    assert verdict(below, {})["reason"] == "a is not selected"
+
+
+def test_mean_and_sample_std_match_numpy() -> None:
+    values = [1.25, 2.5, 0.75, 4.0]
+    mean, std = mean_std(values)
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert mean_std([3.0]) == (3.0, None) and mean_std([]) == (None, None)
+    assert math.isclose(mean_std([2.0, 2.0])[1], 0.0)
+
+
+def test_seeds_aggregate_and_the_gap_is_ours_minus_published(tmp_path: Path) -> None:
+    path = tiny_file(tmp_path)
+    table = reproduce(path, "smoke", seeds=3, only="digits/bp", output_dir=tmp_path, report=False, verbose=False,
+                      log=quiet)
+    (cell,) = table["cells"]
+    errors = [json.loads((tmp_path / "smoke" / r["run_dir"] / "final.json").read_text())["final_test_error"]
+              for r in cell["runs"]]
+    assert [r["seed"] for r in cell["runs"]] == [0, 1, 2] and len(set(errors)) > 1  # seeds differ
+    assert cell["mean"] == pytest.approx(np.mean(errors)) and cell["std"] == pytest.approx(np.std(errors, ddof=1))
+    assert cell["gap"] == pytest.approx(np.mean(errors) - 5.0) and cell["seeds_done"] == 3
+    assert build_table(make_plan(load_experiment(path), "smoke", 3, "digits/bp", tmp_path)) == table
+    claims = {c["id"]: c for c in table["claims"]}
+    assert claims["fa_behind"]["verdict"] == "not testable here"
+
+
+def test_print_commands_resume_an_interrupted_run(tmp_path: Path) -> None:
+    path = tiny_file(tmp_path)
+    plan = make_plan(load_experiment(path), "quick", 1, "digits/bp", tmp_path)
+
+    class Killed(Exception):
+        pass
+
+    def kill(info: Any) -> None:
+        if info.step == 6:
+            raise Killed
+
+    from bioprop.experiments import execute
+    with pytest.raises(Killed):
+        execute(plan, verbose=False, on_step=kill, log=quiet)
+    (command,) = print_commands(plan)
+    assert command.endswith("--resume")
+    assert main(shlex.split(command)[1:]) == 0
+    assert build_table(plan)["cells"][0]["status"] == "done"
