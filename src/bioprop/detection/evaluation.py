@@ -84,6 +84,10 @@ def evaluate_detector(model: nn.Module, loader: DetectionLoader, *, amp: bool = 
 
     Each rank detects on its shard; the results are gathered on rank 0, scored there, and the scores sent to
     every rank, so all ranks return the same values.
+
+    Returns:
+        The :func:`coco_ap` values plus ``detections`` (boxes scored) and ``images_detected`` (images with at
+        least one box), both over all ranks.
     """
     model.eval()
     dataset: CocoDetection = loader.dataset
@@ -97,5 +101,8 @@ def evaluate_detector(model: nn.Module, loader: DetectionLoader, *, amp: bool = 
         gathered: list[Any] = [None] * env.world_size
         torch.distributed.all_gather_object(gathered, results)
         results = [r for part in gathered for r in part]
-    scores = coco_ap(dataset.coco, results) if env.is_main else None
+    scores: dict[str, float] | None = None
+    if env.is_main:
+        scores = coco_ap(dataset.coco, results)
+        scores.update(detections=float(len(results)), images_detected=float(len({r["image_id"] for r in results})))
     return dist_utils.broadcast_object(scores, env)  # type: ignore[return-value]
