@@ -213,3 +213,9 @@ def test_train_detection_end_to_end(tmp_path, capsys):
     # resuming the finished run with one more epoch continues from its checkpoint
     assert main(args + ["--resume", "--epochs", "3"]) == 0
     assert json.loads((tmp_path / "run" / "final.json").read_text())["steps"] == 6
+    # the figure of predicted boxes reads the finished run back
+    from bioprop.report.detection import main as figure_main
+    assert figure_main([str(tmp_path / "run"), "--output", str(tmp_path / "boxes.png"), "--images", "3",
+                        "--min-score", "0"]) == 0
+    assert (tmp_path / "boxes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figure_main([str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
