@@ -26,7 +26,9 @@ PROG = "bioprop"
 
 #: command-line flag -> (config key, type, help); each flag overrides the TOML file and is overridden by --set
 TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--task", "task", str, "classification or detection (docs/detection.md); default classification"),
     ("--dataset", "dataset", str, "data set name (see 'bioprop list datasets'); default digits"),
+    ("--data-root", "data_root", str, "where data sets live; default $BIOPROP_DATA or ~/.cache/bioprop"),
     ("--model", "model", str, "model name (see 'bioprop list models'); default mlp"),
     ("--rule", "rule", str, "learning rule (see 'bioprop list rules'); default backprop"),
     ("--epochs", "epochs", int, "number of training epochs; default 10"),
@@ -95,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
     present = data_sub.add_parser("list", help="show which data sets are present in the data root")
     present.add_argument("--root", default=None, help="data root (default $BIOPROP_DATA or ~/.cache/bioprop)")
+    make = data_sub.add_parser("make-mnist-detection", help="write the MNIST detection set (COCO JSON + PNGs)",
+                               description="1-5 real MNIST digits at 12-48 px on 128x128 canvases; train, val and "
+                                           "test splits, deterministic from --seed (docs/detection.md).")
+    make.add_argument("--root", default=None, help="data root holding MNIST and receiving mnist_detection/ "
+                                                   "(default $BIOPROP_DATA or ~/.cache/bioprop)")
+    make.add_argument("--output-dir", default=None, help="where to write (default <root>/mnist_detection)")
+    make.add_argument("--seed", type=int, default=0, help="seed of every draw; default 0")
+    for split, n in (("train", 6000), ("val", 1000), ("test", 1000)):
+        make.add_argument(f"--{split}", type=int, default=n, help=f"images in the {split} split; default {n}")
 
     from .experiments.cli import add_parser as add_reproduce_parser
     add_reproduce_parser(sub)
@@ -179,6 +190,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if not detect().is_main:  # under torchrun only rank 0 speaks
         return 0
     epochs = summary["epochs"]
+    if summary.get("task") == "detection":
+        ap = summary.get("final_ap")
+        text = "n/a" if ap is None else f"AP {100 * ap:.1f}, AP50 {100 * summary['final_ap50']:.1f}"
+        print(f"done: test {text} after {epochs} epoch{'s' * (epochs != 1)}; run in {summary['output_dir']}")
+        return 0
     print(f"done: test error {_pct(summary['final_test_error'])} after {epochs} epoch{'s' * (epochs != 1)} "
           f"(best {_pct(summary['best_test_error'])}); run in {summary['output_dir']}")
     return 0
@@ -218,8 +234,17 @@ def _cmd_data(args: argparse.Namespace) -> int:
         print(f"{args.name}: ready at {path}")
     elif args.data_command == "list":
         print(data.format_present(root=args.root))
+    elif args.data_command == "make-mnist-detection":
+        from .detection import make_mnist_detection
+        sizes = {"train": args.train, "val": args.val, "test": args.test}
+        bad = [f"--{k} {v}" for k, v in sizes.items() if v < 1]
+        if bad:
+            _fail(f"{', '.join(bad)}: split sizes must be >= 1", code=2)
+        out = Path(args.output_dir) if args.output_dir else data.default_root(args.root) / "mnist_detection"
+        make_mnist_detection(out, seed=args.seed, sizes=sizes, mnist_root=args.root)
+        print(f"mnist_detection: written to {out}")
     else:
-        _fail("data needs an action: get NAME or list (see 'bioprop data --help')", code=2)
+        _fail("data needs an action: get NAME, list or make-mnist-detection (see 'bioprop data --help')", code=2)
     return 0
 
 

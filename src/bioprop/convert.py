@@ -66,8 +66,9 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
         seed: seed of all random feedback state. Each layer's draw depends only on ``seed`` and the layer's
             name, so it is the same on every device and DDP rank.
         exclude: layer names (exact or ``fnmatch`` patterns such as ``"head.*"``) or module types left exact.
-        last_layer: a rule name for the output layer (the last convertible layer in registration order), e.g.
-            ``"backprop"`` to keep it exact as in xiao2018's reference code.
+        last_layer: a rule name for the output layer (the last convertible layer in registration order, or the
+            layers a model names in its ``output_layers`` attribute, e.g. a detector's class and box outputs),
+            e.g. ``"backprop"`` to keep it exact as in xiao2018's reference code.
         **options: options of the rule (see :func:`bioprop.rule_options`), e.g. ``scale="biotorch"``.
 
     Returns:
@@ -83,7 +84,8 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
     native layer types.
 
     Raises:
-        ValueError: unknown rule or option (the message lists the allowed ones), or a bad ``last_layer``.
+        ValueError: unknown rule or option (the message lists the allowed ones), a bad ``last_layer``, or a
+            direct rule on a model that refuses it (its ``direct_feedback_refusal`` attribute says why).
     """
     policy = create_rule(rule, **options)
     exclude_list = _as_list(exclude)
@@ -94,13 +96,16 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
     from .direct import remove_direct_feedback  # local: direct imports this module's helpers
     model = remove_direct_feedback(model)
     if isinstance(policy, DirectRule):
+        refusal = getattr(model, "direct_feedback_refusal", None)
+        if refusal:
+            raise ValueError(f"rule {policy.name!r} is not defined for {type(model).__name__}: {refusal}")
         model = policy.apply(model, seed=seed, exclude=tuple(exclude_list), last_layer=last_layer)
         return model
 
     summary = ConversionSummary(policy.name, policy.options(), seed)
     names = _all_names(model)
     candidates, kept = _scan(model, exclude_list, names)
-    output_name = candidates[-1][0] if candidates else None
+    output_names = set(getattr(model, "output_layers", ()) or ([candidates[-1][0]] if candidates else []))
     unsupported = [(n, k) for n, k, reason in kept if reason.startswith("cannot take feedback")]
     if unsupported:
         warnings.warn("bioprop.convert: these layers cannot take feedback and keep exact backprop: "
@@ -108,7 +113,7 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
                       + f". Supported layer types: {SUPPORTED_NAMES}.", UserWarning, stacklevel=2)
     summary.kept.extend(kept)
     for name, module in candidates:
-        layer_policy = last_policy if (last_layer is not None and name == output_name) else policy
+        layer_policy = last_policy if (last_layer is not None and name in output_names) else policy
         new = _convert_layer(module, layer_policy, seed, name)  # type: ignore[arg-type]
         if new is not module:
             for alias in names[id(module)]:

@@ -26,6 +26,7 @@ __all__ = ["TrainConfig", "ConfigError", "config_from_dict", "load_toml", "parse
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "bm")
 SCHEDULES = ("none", "step", "multistep", "cosine", "halve_on_plateau")
 LOSSES = ("ce", "bce")
+TASKS = ("classification", "detection")
 
 
 @dataclass
@@ -39,6 +40,7 @@ class TrainConfig:
     val_size: int = 0  # > 0: hold out this many training images as a validation split (best.pt follows it)
     augment: str = "auto"  # "auto" (the data set's standard augmentation), "on" or "off"
     num_workers: int = 0  # loader worker processes (only file-backed sets such as imagefolder use them)
+    task: str = "classification"  # classification | detection (COCO-format data, RetinaNet, AP; docs/detection.md)
     # --- model and learning rule
     model: str = "mlp"  # a name from bioprop.models.list_models()
     model_args: dict = field(default_factory=dict)  # keyword arguments of the model, e.g. {depth = 2, width = 800}
@@ -187,6 +189,7 @@ def check_values(config: TrainConfig) -> None:
     choice("schedule", SCHEDULES)
     choice("loss", LOSSES)
     choice("augment", ("auto", "on", "off"))
+    choice("task", TASKS)
     if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):
         raise ConfigError("device", f"unknown device {config.device!r}; allowed: auto, cpu, cuda, cuda:N")
     if any(isinstance(m, bool) or not isinstance(m, int) or m < 0 for m in config.milestones):
@@ -222,15 +225,20 @@ def check_values(config: TrainConfig) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard", "tensorboard = true needs the tensorboard package: pip install "
                                              "tensorboard")
-    _check_registry("dataset", config.dataset, "bioprop.data", "list_datasets")
-    _check_registry("model", config.model, "bioprop.models", "list_models")
+    detection = config.task == "detection"
+    _check_registry("dataset", config.dataset, "bioprop.detection" if detection else "bioprop.data",
+                    "list_datasets", config.task)
+    _check_registry("model", config.model, "bioprop.models", "list_models", config.task, task_arg=True)
 
 
-def _check_registry(key: str, value: str, module: str, lister: str) -> None:
+def _check_registry(key: str, value: str, module: str, lister: str, task: str = "classification",
+                    task_arg: bool = False) -> None:
     import importlib
-    names = getattr(importlib.import_module(module), lister)()
+    list_names = getattr(importlib.import_module(module), lister)
+    names = list_names(task) if task_arg else list_names()
     if value not in names:
-        raise ConfigError(key, f"unknown {key} {value!r}; allowed: {', '.join(names)}")
+        what = f"{task} {key}" if task != "classification" else key
+        raise ConfigError(key, f"unknown {what} {value!r}; allowed: {', '.join(names)}")
 
 
 def config_from_dict(values: Mapping[str, Any], sources: Mapping[str, str] | None = None,

@@ -78,9 +78,10 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
     device = dist_utils.choose_device(config.device, env)
     owns_group = env.distributed and not torch.distributed.is_initialized()
     dist_utils.setup(env, device)
-    run: _Run | None = None
+    run: Any = None
     try:
-        run = _Run(config, env, device, on_step)
+        run = _Run(config, env, device, on_step) if config.task == "classification" else \
+            task_run(config.task)(config, env, device, on_step)
         return run.run()
     finally:
         del run
@@ -89,6 +90,15 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
         gc.collect()
         if owns_group:
             dist_utils.teardown(env)
+
+
+def task_run(task: str) -> Any:
+    """The run class of a non-classification ``task`` (same constructor and ``run()`` as the classification
+    run); the hook through which ``train`` reaches :mod:`bioprop.detection`."""
+    if task == "detection":
+        from ..detection.engine import DetectionRun
+        return DetectionRun
+    raise ConfigError("task", f"unknown task {task!r}; allowed: classification, detection")
 
 
 def seed_everything(seed: int) -> None:

@@ -41,6 +41,7 @@ class ModelInfo:
         num_classes, in_channels, image_size: the configuration the papers use (documented in the table).
         min_image_size: the smallest square input the architecture accepts.
         options: the builder's own keyword options with their defaults.
+        task: ``"classification"`` (images -> logits) or ``"detection"`` (see :mod:`bioprop.models.detection`).
     """
 
     name: str
@@ -51,13 +52,14 @@ class ModelInfo:
     image_size: int
     min_image_size: int
     options: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"
 
 
 _MODELS: dict[str, ModelInfo] = {}
 
 
 def register_model(name: str, *, paper: str = "", num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
-                   min_image_size: int = 1) -> Callable[[F], F]:
+                   min_image_size: int = 1, task: str = "classification") -> Callable[[F], F]:
     """Decorator registering a builder ``fn(num_classes, in_channels, image_size, *, options...)``.
 
     Args:
@@ -65,6 +67,7 @@ def register_model(name: str, *, paper: str = "", num_classes: int = 10, in_chan
         paper: source of the architecture (shown in ``docs/models.md``).
         num_classes, in_channels, image_size: the configuration the source uses.
         min_image_size: smallest square input side the architecture accepts.
+        task: what the model does: ``"classification"`` or ``"detection"``.
 
     Raises:
         ValueError: the name is already registered, or the builder lacks the three base arguments.
@@ -76,14 +79,16 @@ def register_model(name: str, *, paper: str = "", num_classes: int = 10, in_chan
         if tuple(params)[:3] != _BASE_ARGS:
             raise ValueError(f"builder {fn.__name__} must start with ({', '.join(_BASE_ARGS)})")
         options = {k: p.default for k, p in params.items() if k not in _BASE_ARGS}
-        _MODELS[name] = ModelInfo(name, fn, paper, num_classes, in_channels, image_size, min_image_size, options)
+        _MODELS[name] = ModelInfo(name, fn, paper, num_classes, in_channels, image_size, min_image_size, options,
+                                  task)
         return fn
     return decorator
 
 
-def list_models() -> list[str]:
-    """Names of all registered models, in registration order."""
-    return list(_MODELS)
+def list_models(task: str = "classification") -> list[str]:
+    """Names of the registered models of ``task`` (``"classification"`` or ``"detection"``), in registration
+    order."""
+    return [name for name, info in _MODELS.items() if info.task == task]
 
 
 def model_info(name: str) -> ModelInfo:
@@ -161,6 +166,7 @@ def model_table(rows: Sequence[tuple[str, dict[str, Any]]] | None = None) -> str
 
 # Importing the modules registers their models (order = the order of list_models()).
 from . import mlp, convnets, resnet, alexnet  # noqa: E402,F401
+from . import detection  # noqa: E402,F401  (retinanet)
 
 TABLE_ROWS.extend([
     ("mlp", {"depth": 3, "width": 1000, "in_channels": 3, "image_size": 32}),

@@ -1,0 +1,92 @@
+"""Step time of a RetinaNet training step per rule, as a ratio to backprop, measured in one process.
+
+One step = forward, focal + smooth-L1 loss, backward, SGD step, on a fixed batch. In each round the rules run
+back to back and the ratios to backprop are taken within the round; the table reports the median over rounds.
+
+    python benchmarks/detection_step_time.py                        # reduced CPU net, writes docs/perf_detection.md
+    python benchmarks/detection_step_time.py --rounds 3 --out -     # quick look, print only
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import bioprop
+from bioprop.models import create_model
+
+REDUCED = dict(backbone="resnet18", width=16, fpn_channels=64, head_convs=2, anchor_size=2.0)
+
+
+def make_step(rule: str, batch: int, size: int, device: str):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    det = create_model("retinanet", num_classes=10, in_channels=3, image_size=size, **REDUCED)
+    det = bioprop.convert(det, rule, last_layer="backprop").to(device)
+    opt = torch.optim.SGD(det.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    targets = [{"boxes": torch.tensor([[10.0, 12, 40, 44], [60, 60, 100, 90]], device=device),
+                "labels": torch.tensor([3, 7], device=device), "iscrowd": torch.zeros(2, dtype=torch.int64,
+                                                                                         device=device)}] * batch
+
+    def step() -> None:
+        loss = det.loss(det(x), targets, (size, size))["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", default="backprop,usf,fa,frsf,brsf")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per rule and round")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="docs/perf_detection.md", help="Markdown file, or - to print only")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rules = args.rules.split(",")
+    steps = {r: make_step(r, args.batch, args.size, args.device) for r in rules}
+    for step in steps.values():  # warm-up
+        step()
+    ratios: dict[str, list[float]] = {r: [] for r in rules}
+    seconds: dict[str, list[float]] = {r: [] for r in rules}
+    for _ in range(args.rounds):
+        times = {}
+        for rule in rules:
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                steps[rule]()
+            times[rule] = (time.perf_counter() - start) / args.steps
+        for rule in rules:
+            seconds[rule].append(times[rule])
+            ratios[rule].append(times[rule] / times["backprop"])
+    lines = ["# Detector step time per rule", "",
+             f"RetinaNet reduced net ({', '.join(f'{k}={v}' for k, v in REDUCED.items())}), batch {args.batch} "
+             f"of {args.size}×{args.size} images, {args.device}, {args.threads} thread(s), torch "
+             f"{torch.__version__}, {platform.processor() or platform.machine()}; median over {args.rounds} "
+             f"rounds of {args.steps} steps; the heads' output layers use backprop.", "",
+             f"Command: `python benchmarks/detection_step_time.py --rules {args.rules} --rounds {args.rounds} "
+             f"--steps {args.steps} "
+             f"--batch {args.batch} --size {args.size} --device {args.device} --threads {args.threads}`", "",
+             "| rule | ms / step | × backprop |", "|---|---|---|"]
+    for rule in rules:
+        lines.append(f"| {rule} | {1000 * statistics.median(seconds[rule]):.0f} | "
+                     f"{statistics.median(ratios[rule]):.3f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out != "-":
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

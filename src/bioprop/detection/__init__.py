@@ -1,0 +1,14 @@
+"""Object detection: COCO-format data, COCO AP through pycocotools, and the detection training run.
+
+``bioprop train --task detection --dataset coco --data-root DIR --model retinanet`` trains a RetinaNet
+(:mod:`bioprop.models.detection`) with any per-layer rule; see ``docs/detection.md``.
+"""
+from __future__ import annotations
+
+from .coco import AnnotationError, CocoDetection, list_datasets, load_detection, read_annotations
+from .evaluation import AP_KEYS, coco_ap, evaluate_detector, to_coco_results
+from .loader import Batch, DetectionLoader
+from .mnist import make_mnist_detection
+
+__all__ = ["AnnotationError", "CocoDetection", "list_datasets", "load_detection", "read_annotations", "AP_KEYS",
+           "coco_ap", "evaluate_detector", "to_coco_results", "Batch", "DetectionLoader", "make_mnist_detection"]
