@@ -57,6 +57,20 @@ def list_datasets() -> list[str]:
     return list(SOURCES)
 
 
+def how_to_get_if_missing(name: str, root: str | Path | None = None) -> str:
+    """``""`` when data set ``name``'s training annotations are under ``root``, else how to get them.
+
+    Raises:
+        ValueError: unknown name, listing the allowed ones.
+    """
+    if name not in SOURCES:
+        raise ValueError(f"unknown detection data set {name!r}; allowed: {', '.join(SOURCES)}")
+    source, base = SOURCES[name], default_root(root)
+    folder = base if (base / "annotations").is_dir() else base / source.folder
+    present = (folder / "annotations" / f"instances_{source.splits['train']}.json").is_file()
+    return "" if present else source.how_to_get
+
+
 def _require(entry: dict[str, Any], keys: tuple[str, ...], where: str, path: Path) -> None:
     if not isinstance(entry, dict):
         raise AnnotationError(f"{path}: {where} must be an object, got {type(entry).__name__}")

@@ -36,9 +36,13 @@ def _seed_result(path: Path, metric: str) -> dict[str, Any]:
     if state.state == "done":
         final = json.loads((path / "final.json").read_text())
         # selected on a validation split when the run holds one (best.pt's epoch), else as the metric says
-        key = ("test_error_at_best" if final.get("selected_by") == "val_error"
-               else "best_test_error" if metric == "best_test_error" else "final_test_error")
-        entry.update(test_error=final.get(key), epochs=final.get("epochs"), steps=final.get("steps"),
+        if metric == "ap":
+            value = None if final.get("final_ap") is None else 100.0 * float(final["final_ap"])
+        else:
+            key = ("test_error_at_best" if final.get("selected_by") == "val_error"
+                   else "best_test_error" if metric == "best_test_error" else "final_test_error")
+            value = final.get(key)
+        entry.update(test_error=value, epochs=final.get("epochs"), steps=final.get("steps"),
                      wall_time_s=final.get("wall_time_s"))
     elif state.state == "diverged":
         entry["message"] = json.loads((path / "diverged.json").read_text()).get("message", "")
@@ -135,11 +139,13 @@ def _value(mean: float | None, std: float | None) -> str:
 def render_markdown(table: dict[str, Any], reports: dict[str, str] | None = None) -> str:
     """``results.md``: the header, the cells beside the published values, the claims, the notes."""
     seeds = table["seeds"]
-    metric = ("top-1 test error in % at the best epoch" if table["metric"] == "best_test_error"
-              else "top-1 test error in % after the last epoch")
+    metric = {"best_test_error": "top-1 test error in % at the best epoch (at the best validation epoch where a "
+                                  "cell holds out a validation split; lower is better)",
+              "ap": "COCO box AP in % after the last epoch (higher is better)"}.get(
+        table["metric"], "top-1 test error in % after the last epoch (at the best validation epoch where a cell "
+                         "holds out a validation split; lower is better)")
     lines = [f"# {table['title']} ({table['scale']} scale)", "",
-             f"Paper: {table['paper']}. Metric: {metric} (at the best validation epoch where a cell holds out a "
-             "validation split; lower is better); ours is the mean ± "
+             f"Paper: {table['paper']}. Metric: {metric}; ours is the mean ± "
              f"sample std over seeds {', '.join(map(str, seeds))}; gap = ours − published. Published values "
              f"from {table['source'] or 'the sources given per cell'}; (recalled) marks a value not checked "
              "against its source.", ""]

@@ -88,9 +88,12 @@ def run_config(plan: Plan, cell: Cell, seed: int, **extra: Any) -> TrainConfig:
 def data_missing(cell: Cell, data_root: str | None) -> str:
     """``""`` when the cell's data set is present, else how to get it (the data package's own message)."""
     from ..data import default_root, get_source
-    source = get_source(cell.values.get("dataset", TrainConfig.dataset))
-    root = default_root(data_root or cell.values.get("data_root") or None)
-    return "" if source.locate(root) is not None else source.how_to_get
+    name, root = cell.values.get("dataset", TrainConfig.dataset), data_root or cell.values.get("data_root") or None
+    if cell.values.get("task", TrainConfig.task) == "detection":
+        from ..detection.coco import how_to_get_if_missing
+        return how_to_get_if_missing(name, root)
+    source = get_source(name)
+    return "" if source.locate(default_root(root)) is not None else source.how_to_get
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ being ``[scales.<s>] <- column.scales.<s> <- row.scales.<s> <- cell.scales.<s>``
 
 Every problem with a file is an :class:`ExperimentError` whose one-line message names the file and the cell (or
 the section) and says what is allowed. A cell whose rule, rule options, constraint or model is not registered in
-this installation is kept and marked *not implemented* instead: the table still lists it.
+this installation is an error too (a typo must not pass as a missing method), unless its row, column or cell says
+``pending = true``: a method that is planned but not registered yet is kept and marked *not implemented*, so the
+table still lists it.
 """
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ PUBLISHED_STATUSES = ("verified", "recalled")
 #: ``test_error``: the last epoch's top-1 test error; ``best_test_error``: the lowest over the epochs (for tables
 #: that pick their model on the test set). A run with a validation split (``val_size > 0``) always reports the
 #: test error at its best validation epoch.
-METRICS = ("test_error", "best_test_error")
+#: ``ap``: COCO box AP in % (100 × ``final_ap`` of a detection run; higher is better).
+METRICS = ("test_error", "best_test_error", "ap")
 CLAIM_KINDS = ("order", "within", "below")
 
 #: config keys set by ``bioprop reproduce`` itself, never by a file
@@ -43,8 +46,8 @@ RUNNER_KEYS = ("seed", "output_dir", "resume", "overwrite", "data_root")
 _KEYS = {
     "top": {"experiment", "defaults", "scales", "columns", "rows", "cells", "claims"},
     "experiment": {"name", "title", "paper", "source", "status", "metric", "notes"},
-    "axis": {"id", "label", "config", "scales", "note"},
-    "cell": {"row", "column", "published", "source", "status", "config", "scales", "note"},
+    "axis": {"id", "label", "config", "scales", "note", "pending"},
+    "cell": {"row", "column", "published", "source", "status", "config", "scales", "note", "pending"},
     "claim": {"id", "text", "kind", "cells", "margin", "tolerance", "threshold"},
 }
 _ID = re.compile(r"^[a-z0-9_]+$")
@@ -372,6 +375,9 @@ def _expand(experiment: Experiment, entry: dict[str, Any], scale: str) -> Cell:
         _, missing = resolve_config(values)
     except ConfigError as err:
         raise ExperimentError(f"{experiment.path.name}: cell {ident} (scale {scale}): {err.reason}") from None
+    if missing and not any(layer.get("pending") is True for layer in (column, row, entry)):
+        raise ExperimentError(f"{experiment.path.name}: cell {ident} (scale {scale}): {'; '.join(missing)} (mark "
+                              "the row, column or cell `pending = true` if the method is planned)")
     published = entry.get("published")
     return Cell(row=row["id"], column=column["id"], row_label=str(row.get("label", row["id"])),
                 column_label=str(column.get("label", column["id"])),
