@@ -21,9 +21,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["TrainConfig", "ConfigError", "config_from_dict", "load_toml", "parse_override", "apply_override",
-           "OPTIMIZERS", "SCHEDULES", "LOSSES"]
+           "OPTIMIZERS", "SCHEDULES", "LOSSES", "DEFAULT_MOMENTUM"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "bm")
+#: ``momentum`` when the config leaves it unset: plain RMSprop (nokland2016's optimizer) has none; adam/adamw
+#: ignore the key (they use their betas), so it keeps the value older runs stored for it
+DEFAULT_MOMENTUM = {"sgd": 0.9, "bm": 0.9, "rmsprop": 0.0, "adam": 0.9, "adamw": 0.9}
 SCHEDULES = ("none", "step", "multistep", "cosine")
 LOSSES = ("ce", "bce")
 
@@ -51,7 +54,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch; under DDP each of the N processes takes batch_size / N
     lr: float = 0.01  # peak learning rate (after warmup)
     optimizer: str = "sgd"  # sgd | adam | adamw | rmsprop | bm (Batch Manhattan, liao2016)
-    momentum: float = 0.9  # sgd, rmsprop and bm momentum
+    momentum: float | None = None  # sgd, rmsprop and bm momentum; None = the optimizer's own (DEFAULT_MOMENTUM)
     weight_decay: float = 0.0
     bm_plain_last_layer: bool = False  # bm only: the output layer takes plain SGD steps (xiao2018's option)
     schedule: str = "none"  # none | step | multistep | cosine, evaluated at every step
@@ -131,6 +134,10 @@ def check_type(key: str, value: Any) -> Any:
     if key not in FIELDS:
         raise ConfigError(key, f"unknown config key {key!r}; allowed keys: {allowed_keys()}")
     hint = _HINTS[key]
+    if type(None) in typing.get_args(hint):  # an optional field: None means "its default, resolved later"
+        if value is None:
+            return None
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
     ok = False
     if hint is bool:
         ok = isinstance(value, bool)
@@ -174,10 +181,12 @@ def check_values(config: TrainConfig) -> None:
 
     for key in ("epochs", "batch_size", "eval_every", "step_size"):
         positive(key)
+    choice("optimizer", OPTIMIZERS)
+    if config.momentum is None:
+        config.momentum = DEFAULT_MOMENTUM[config.optimizer]
     for key in ("lr", "momentum", "weight_decay", "val_size", "num_workers", "warmup_epochs", "min_lr",
                 "log_every", "metrics_every", "gamma"):
         positive(key, zero_ok=True)
-    choice("optimizer", OPTIMIZERS)
     choice("schedule", SCHEDULES)
     choice("loss", LOSSES)
     choice("augment", ("auto", "on", "off"))
