@@ -78,6 +78,8 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
     log_every: int = 50  # write a "train" record every N optimizer steps (0 = never)
     metrics_every: int = 200  # run bioprop.metrics.training_metrics every N steps (0 = never); about 2-3% of the time
+    divergence_factor: float = 1e3  # stop when a logged loss exceeds this × the run's first one (0 = never)
+    divergence_action: str = "stop"  # "stop" (as for NaN, the last good checkpoint is kept) or "warn" (once)
     progress: bool = True  # tqdm progress bar (only shown on a terminal)
     verbose: bool = True  # print one summary line per epoch
     tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard
@@ -188,6 +190,10 @@ def check_values(config: TrainConfig) -> None:
                 "log_every", "metrics_every", "gamma"):
         positive(key, zero_ok=True)
     choice("schedule", SCHEDULES)
+    choice("divergence_action", ("stop", "warn"))
+    if config.divergence_factor != 0 and not config.divergence_factor > 1:
+        raise ConfigError("divergence_factor", f"divergence_factor must be 0 (never stop) or > 1, got "
+                                               f"{config.divergence_factor!r}")
     choice("loss", LOSSES)
     choice("augment", ("auto", "on", "off"))
     if not (config.device in ("auto", "cpu", "cuda") or config.device.startswith("cuda:")):

@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -195,6 +196,8 @@ class _Run:
         self.mirror_step = mirror_step if uses_mirror else None  # weight mirrors learn B between batches
 
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.loss_reference: float | None = None  # the first logged training loss (divergence_factor)
+        self.divergence_warned = False
         self.best: dict[str, Any] = {"error": math.inf, "epoch": 0, "test_error": math.inf}
         self.history: list[dict[str, Any]] = []
         if checkpoint is not None:
@@ -218,6 +221,7 @@ class _Run:
         self.best = dict(checkpoint["best"])
         self.history = [dict(h) for h in checkpoint["history"]]
         set_rng_state(checkpoint["rng"])
+        self.loss_reference = checkpoint.get("loss_reference")  # absent in older checkpoints: set it again
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -234,6 +238,7 @@ class _Run:
             "rng": rng_state(),
             "config": self.config.to_dict(),
             "log_bytes": self.log.tell(),
+            "loss_reference": self.loss_reference,
         }
 
     # ------------------------------------------------------------------------------------------ the run
@@ -321,6 +326,7 @@ class _Run:
             self._diverged(epoch, f"the loss became {loss_sum} between steps {first_step} and {self.step}")
         if n == 0:
             return
+        self._check_explosion(epoch, loss_sum / n, first_step)
         record = {"kind": "train", "epoch": epoch, "step": self.step, "loss": loss_sum / n, "acc": correct / n,
                   "lr": lr, "samples_per_s": n / max(seconds, 1e-9)}
         if write and self.config.log_every:
@@ -329,13 +335,38 @@ class _Run:
             bar.set_postfix_str(f"loss {record['loss']:.4f}  acc {100 * record['acc']:.2f}%  "
                                 f"{record['samples_per_s']:.0f} samples/s", refresh=False)
 
-    def _diverged(self, epoch: int, what: str) -> None:
+    def _diverged(self, epoch: int, what: str, event: str = "nan") -> None:
         ckpt = self.out / "checkpoint.pt"
         kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {ckpt}" if self.epoch > 0
                 else "no checkpoint was written yet")
         message = f"training diverged in epoch {epoch}: {what}; {kept}. Try a lower --lr."
-        self._write({"kind": "event", "event": "nan", "epoch": epoch, "step": self.step, "message": message})
+        self._write({"kind": "event", "event": event, "epoch": epoch, "step": self.step, "message": message})
         raise TrainingDiverged(message)
+
+    def _check_explosion(self, epoch: int, loss: float, first_step: int) -> None:
+        """Stop (or warn once) when a finite window loss exceeds ``divergence_factor`` × the run's first one.
+
+        Every process sees the same reduced loss, so under DDP all of them stop at the same window.
+        """
+        factor, reference = self.config.divergence_factor, self.loss_reference
+        if not factor:
+            return
+        if reference is None:
+            self.loss_reference = loss
+            return
+        if not loss > factor * reference or reference <= 0:
+            return
+        what = (f"the training loss rose to {loss:.3g} between steps {first_step} and {self.step}, more than "
+                f"divergence_factor = {factor:g} times its first value {reference:.3g}")
+        if self.config.divergence_action == "stop":
+            self._diverged(epoch, what, event="diverged")
+        if not self.divergence_warned:
+            self.divergence_warned = True
+            message = f"the loss is exploding in epoch {epoch}: {what}; training goes on (divergence_action = 'warn')"
+            self._write({"kind": "event", "event": "diverging", "epoch": epoch, "step": self.step,
+                         "message": message})
+            if self.main:
+                print(f"bioprop: warning: {message}", file=sys.stderr, flush=True)
 
     def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
         """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took."""
