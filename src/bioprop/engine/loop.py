@@ -34,7 +34,10 @@ from .config import ConfigError, TrainConfig, check_values
 from .evaluation import RunningSums, evaluate
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
 
-__all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT"]
+__all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT", "LAYERS_LOG"]
+
+#: the side file of ``metrics.jsonl`` holding the per-layer values of each analysis record
+LAYERS_LOG = "metrics_layers.jsonl"
 
 #: bumped when the checkpoint layout changes incompatibly
 CHECKPOINT_FORMAT = 1
@@ -198,6 +201,7 @@ class _Run:
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.loss_reference: float | None = None  # the first logged training loss (divergence_factor)
         self.divergence_warned = False
+        self.analysed_step = -1  # the step of the last analysis record
         self.best: dict[str, Any] = {"error": math.inf, "epoch": 0, "test_error": math.inf}
         self.history: list[dict[str, Any]] = []
         if checkpoint is not None:
@@ -239,6 +243,7 @@ class _Run:
             "config": self.config.to_dict(),
             "log_bytes": self.log.tell(),
             "loss_reference": self.loss_reference,
+            "layer_log_bytes": self.layer_log.tell(),
         }
 
     # ------------------------------------------------------------------------------------------ the run
@@ -251,6 +256,9 @@ class _Run:
         self._build(checkpoint)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
                               resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
+        # the per-layer arrays of the analysis records: metrics.jsonl keeps one summary line per record
+        self.layer_log = MetricsLog(self.out / LAYERS_LOG, enabled=self.main,
+                                    resume_at=None if checkpoint is None else int(checkpoint.get("layer_log_bytes", 0)))
         self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
                                  purge_step=self.step if checkpoint is not None else None)
         try:
@@ -264,6 +272,7 @@ class _Run:
             return self._finish()
         finally:
             self.log.close()
+            self.layer_log.close()
             self.tb.close()
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -310,6 +319,8 @@ class _Run:
             if self.on_step is not None:
                 self.on_step(StepInfo(epoch, self.step, loss.detach(), self.model, self.optimizer))
         bar.close()
+        if config.metrics_every and self.main and self.analysed_step != self.step:
+            self._analysis(epoch, x, y)  # every epoch ends with a record, so short runs still show their course
         if window.count or env.distributed:  # every process reads, so the reduction always pairs up
             self._read_window(window, totals, epoch, lr, None, write=False)
         train_time = time.perf_counter() - start
@@ -369,18 +380,23 @@ class _Run:
                 print(f"bioprop: warning: {message}", file=sys.stderr, flush=True)
 
     def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
-        """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took."""
+        """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took: the per-layer
+        values go to ``metrics_layers.jsonl``, their summary (mean/min/max over layers) to ``metrics.jsonl``."""
         from .. import metrics
         fn = getattr(metrics, "training_metrics", None)
         if fn is None:
             return
+        self.analysed_step = self.step
         start = time.perf_counter()
         values = fn(self.model, x, y, self.loss_fn)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        self._write({"kind": "analysis", "epoch": epoch, "step": self.step, "time_s": seconds,
-                     "metrics": jsonable(values)})
+        values = jsonable(values)
+        head = {"kind": "analysis", "epoch": epoch, "step": self.step}
+        self.layer_log.write({**head, "metrics": values})
+        self.log.write({**head, "time_s": seconds, "summary": metrics.summarize_metrics(values)})
+        self.tb.record({**head, "metrics": values})
 
     def _end_epoch(self, epoch: int, totals: list[float], train_time: float) -> None:
         config = self.config
