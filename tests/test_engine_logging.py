@@ -76,6 +76,9 @@ def test_a_one_epoch_run_yields_the_alignment_figures(tmp_path):
     assert list(epochs) == [1.0] and set(series) == {"1", "3", "5"}  # Flatten, then Linear at 1, 3 and 5
     _, grad = analysis_series(run, "grad_angle")
     assert all(np.isfinite(v).all() for v in grad.values())
+    # backprop's "alignment" is the angle between W and sign(W) (xiao2018 Fig. 3a's reference line)
+    _, exact = analysis_series(load_run(tmp_path / "backprop"), "alignment")
+    assert set(exact) == {"1", "3", "5"} and all(0 < v[0] < 90 for v in exact.values())
     out = tmp_path / "report"
     write_report([tmp_path / "backprop", tmp_path / "usf"], out)
     for fig_id in ("alignment", "kurtosis", "weight-magnitudes", "grad-agreement", "lillicrap"):

@@ -27,6 +27,6 @@ __all__ = [
     "angle", "norm_ratio", "kurtosis", "mean_abs", "sign_concordance", "magnitude_histogram", "lillicrap_values",
     "alignment", "weight_statistics", "layer_feedback", "model_weight_layers", "EXACT_MODES",
     "ShadowResult", "shadow_backward", "gradient_agreement", "lillicrap_condition", "dfa_signal_angle",
-    "direct_markers", "topmost_feedback_layer", "training_metrics", "summarize_metrics", "METRIC_KEYS", "jsonable", "MetricsCost",
-    "measure_cost",
+    "direct_markers", "topmost_feedback_layer", "training_metrics", "summarize_metrics", "METRIC_KEYS", "jsonable",
+    "MetricsCost", "measure_cost",
 ]
