@@ -257,7 +257,7 @@ class _Run:
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
                               resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
         # the per-layer arrays of the analysis records: metrics.jsonl keeps one summary line per record
-        self.layer_log = MetricsLog(self.out / LAYERS_LOG, enabled=self.main,
+        self.layer_log = MetricsLog(self.out / LAYERS_LOG, enabled=self.main and config.metrics_every > 0,
                                     resume_at=None if checkpoint is None else int(checkpoint.get("layer_log_bytes", 0)))
         self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
                                  purge_step=self.step if checkpoint is not None else None)
