@@ -304,9 +304,14 @@ def test_training_metrics_are_logged_every_n_steps_with_their_cost(tmp_path, mon
     monkeypatch.setattr(bioprop.metrics, "training_metrics", fake_metrics, raising=False)
     train(small(tmp_path, epochs=2, metrics_every=10))
     records = read_records(tmp_path / "run" / "metrics.jsonl", "analysis")
-    assert [r["step"] for r in records] == [10, 20, 30, 40]
-    assert [r["epoch"] for r in records] == [1, 1, 2, 2]
-    assert all(r["metrics"] == {"alignment": {"layer": 45.0}} and r["time_s"] >= 0 for r in records)
+    # every metrics_every steps and at the end of every epoch (22 steps each)
+    assert [r["step"] for r in records] == [10, 20, 22, 30, 40, 44]
+    assert [r["epoch"] for r in records] == [1, 1, 1, 2, 2, 2]
+    summary = {"alignment": {"mean": 45.0, "min": 45.0, "max": 45.0, "layers": 1}}
+    assert all(r["summary"] == summary and "metrics" not in r and r["time_s"] >= 0 for r in records)
+    layers = read_records(tmp_path / "run" / "metrics_layers.jsonl", "analysis")
+    assert [(r["epoch"], r["step"]) for r in layers] == [(r["epoch"], r["step"]) for r in records]
+    assert all(r["metrics"] == {"alignment": {"layer": 45.0}} for r in layers)
     assert all(shape == (64, 1, 8, 8) and math.isfinite(loss) for shape, loss in seen)
 
 

@@ -184,7 +184,7 @@ def _watch(futures: dict[str, Future], run_dirs: dict[str, Path], steps_total: i
 def _clear_old_run(run_dir: Path) -> None:
     """Remove the demo's own run directory from an earlier demo, so that its log is not read as this run's."""
     if (run_dir / "config.json").is_file():
-        for name in ("metrics.jsonl", "checkpoint.pt", "best.pt", "final.json", "config.json"):
+        for name in ("metrics.jsonl", "metrics_layers.jsonl", "checkpoint.pt", "best.pt", "final.json", "config.json"):
             (run_dir / name).unlink(missing_ok=True)
 
 
@@ -206,8 +206,8 @@ def _new_records(path: Path, offsets: dict[str, int], key: str) -> list[dict[str
 
 
 def _last_analysis(run_dir: Path) -> dict[str, Any]:
-    from .engine import read_records
-    records = read_records(run_dir / "metrics.jsonl", "analysis")
+    from .report.runs import load_run
+    records = [r for r in load_run(run_dir).kind("analysis") if isinstance(r.get("metrics"), dict)]
     return records[-1]["metrics"] if records else {}
 
 

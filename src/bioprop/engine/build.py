@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import TrainConfig
+from .config import DEFAULT_MOMENTUM, TrainConfig
 
 __all__ = ["build_optimizer", "lr_factor", "build_loss", "LossFn"]
 
@@ -20,10 +20,12 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
     """The optimizer the config names, over every trainable parameter of ``model`` (feedback parameters of
     learned-feedback rules such as ``kp`` included, with the same lr and weight decay as the forward weights).
 
-    ``momentum`` is used by sgd, rmsprop and bm; adam/adamw use their default betas.
+    ``momentum`` is used by sgd, rmsprop and bm (unset: ``DEFAULT_MOMENTUM``, 0 for rmsprop); adam/adamw use
+    their default betas.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    lr, wd, mom = config.lr, config.weight_decay, config.momentum
+    lr, wd = config.lr, config.weight_decay
+    mom = DEFAULT_MOMENTUM[config.optimizer] if config.momentum is None else config.momentum
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
     if config.optimizer == "adam":

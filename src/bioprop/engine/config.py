@@ -21,9 +21,12 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["TrainConfig", "ConfigError", "config_from_dict", "load_toml", "parse_override", "apply_override",
-           "OPTIMIZERS", "SCHEDULES", "LOSSES"]
+           "OPTIMIZERS", "SCHEDULES", "LOSSES", "DEFAULT_MOMENTUM"]
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "bm")
+#: ``momentum`` when the config leaves it unset: plain RMSprop (nokland2016's optimizer) has none; adam/adamw
+#: ignore the key (they use their betas), so it keeps the value older runs stored for it
+DEFAULT_MOMENTUM = {"sgd": 0.9, "bm": 0.9, "rmsprop": 0.0, "adam": 0.9, "adamw": 0.9}
 SCHEDULES = ("none", "step", "multistep", "cosine", "halve_on_plateau")
 LOSSES = ("ce", "bce")
 TASKS = ("classification", "detection")
@@ -54,7 +57,7 @@ class TrainConfig:
     batch_size: int = 64  # global batch; under DDP each of the N processes takes batch_size / N
     lr: float = 0.01  # peak learning rate (after warmup)
     optimizer: str = "sgd"  # sgd | adam | adamw | rmsprop | bm (Batch Manhattan, liao2016)
-    momentum: float = 0.9  # sgd, rmsprop and bm momentum
+    momentum: float | None = None  # sgd, rmsprop and bm momentum; None = the optimizer's own (DEFAULT_MOMENTUM)
     weight_decay: float = 0.0
     bm_plain_last_layer: bool = False  # bm only: the output layer takes plain SGD steps (xiao2018's option)
     schedule: str = "none"  # none | step | multistep | cosine (functions of the step) | halve_on_plateau
@@ -81,6 +84,8 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
     log_every: int = 50  # write a "train" record every N optimizer steps (0 = never)
     metrics_every: int = 200  # run bioprop.metrics.training_metrics every N steps (0 = never); about 2-3% of the time
+    divergence_factor: float = 1e3  # stop when a logged loss exceeds this × the run's first one (0 = never)
+    divergence_action: str = "stop"  # "stop" (as for NaN, the last good checkpoint is kept) or "warn" (once)
     progress: bool = True  # tqdm progress bar (only shown on a terminal)
     verbose: bool = True  # print one summary line per epoch
     tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard
@@ -137,6 +142,10 @@ def check_type(key: str, value: Any) -> Any:
     if key not in FIELDS:
         raise ConfigError(key, f"unknown config key {key!r}; allowed keys: {allowed_keys()}")
     hint = _HINTS[key]
+    if type(None) in typing.get_args(hint):  # an optional field: None means "its default, resolved later"
+        if value is None:
+            return None
+        hint = next(h for h in typing.get_args(hint) if h is not type(None))
     ok = False
     if hint is bool:
         ok = isinstance(value, bool)
@@ -180,13 +189,19 @@ def check_values(config: TrainConfig) -> None:
 
     for key in ("epochs", "batch_size", "eval_every", "step_size", "plateau_halvings"):
         positive(key)
+    choice("optimizer", OPTIMIZERS)
+    if config.momentum is None:
+        config.momentum = DEFAULT_MOMENTUM[config.optimizer]
     for key in ("max_steps", "lr", "momentum", "weight_decay", "val_size", "num_workers", "warmup_epochs", "min_lr",
                 "log_every", "metrics_every", "gamma", "plateau_stop_error"):
         positive(key, zero_ok=True)
     if not 0.0 <= config.plateau_smoothing < 1.0:
         raise ConfigError("plateau_smoothing", f"plateau_smoothing must be in [0, 1), got {config.plateau_smoothing!r}")
-    choice("optimizer", OPTIMIZERS)
     choice("schedule", SCHEDULES)
+    choice("divergence_action", ("stop", "warn"))
+    if config.divergence_factor != 0 and not config.divergence_factor > 1:
+        raise ConfigError("divergence_factor", f"divergence_factor must be 0 (never stop) or > 1, got "
+                                               f"{config.divergence_factor!r}")
     choice("loss", LOSSES)
     choice("augment", ("auto", "on", "off"))
     choice("task", TASKS)

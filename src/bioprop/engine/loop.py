@@ -17,6 +17,7 @@ import gc
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,7 +35,10 @@ from .evaluation import RunningSums, evaluate
 from .plateau import PlateauHalving
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
 
-__all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT"]
+__all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT", "LAYERS_LOG"]
+
+#: the side file of ``metrics.jsonl`` holding the per-layer values of each analysis record
+LAYERS_LOG = "metrics_layers.jsonl"
 
 #: bumped when the checkpoint layout changes incompatibly
 CHECKPOINT_FORMAT = 1
@@ -208,6 +212,9 @@ class _Run:
         self.mirror_step = mirror_step if uses_mirror else None  # weight mirrors learn B between batches
 
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
+        self.loss_reference: float | None = None  # the first logged training loss (divergence_factor)
+        self.divergence_warned = False
+        self.analysed_step = -1  # the step of the last analysis record
         self.best: dict[str, Any] = {"error": math.inf, "epoch": 0, "test_error": math.inf}
         self.history: list[dict[str, Any]] = []
         self.plateau = (PlateauHalving(config.plateau_smoothing, config.plateau_halvings, config.plateau_stop_error)
@@ -235,6 +242,7 @@ class _Run:
         set_rng_state(checkpoint["rng"])
         if self.plateau is not None:
             self.plateau.load_state_dict(checkpoint["plateau"])
+        self.loss_reference = checkpoint.get("loss_reference")  # absent in older checkpoints: set it again
 
     def _checkpoint_state(self) -> dict[str, Any]:
         return {
@@ -252,6 +260,8 @@ class _Run:
             "config": self.config.to_dict(),
             "log_bytes": self.log.tell(),
             **({"plateau": self.plateau.state_dict()} if self.plateau is not None else {}),
+            "loss_reference": self.loss_reference,
+            "layer_log_bytes": self.layer_log.tell(),
         }
 
     # ------------------------------------------------------------------------------------------ the run
@@ -264,6 +274,9 @@ class _Run:
         self._build(checkpoint)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
                               resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
+        # the per-layer arrays of the analysis records: metrics.jsonl keeps one summary line per record
+        self.layer_log = MetricsLog(self.out / LAYERS_LOG, enabled=self.main and config.metrics_every > 0,
+                                    resume_at=None if checkpoint is None else int(checkpoint.get("layer_log_bytes", 0)))
         self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
                                  purge_step=self.step if checkpoint is not None else None)
         try:
@@ -277,6 +290,7 @@ class _Run:
             return self._finish()
         finally:
             self.log.close()
+            self.layer_log.close()
             self.tb.close()
 
     def _write(self, record: dict[str, Any]) -> None:
@@ -327,6 +341,8 @@ class _Run:
             if batch_index + 1 >= self.steps_per_epoch:  # max_steps: every process stops at the same batch
                 break
         bar.close()
+        if config.metrics_every and self.main and self.analysed_step != self.step:
+            self._analysis(epoch, x, y)  # every epoch ends with a record, so short runs still show their course
         if window.count or env.distributed:  # every process reads, so the reduction always pairs up
             self._read_window(window, totals, epoch, lr, None, write=False)
         train_time = time.perf_counter() - start
@@ -343,6 +359,7 @@ class _Run:
             self._diverged(epoch, f"the loss became {loss_sum} between steps {first_step} and {self.step}")
         if n == 0:
             return
+        self._check_explosion(epoch, loss_sum / n, first_step)
         record = {"kind": "train", "epoch": epoch, "step": self.step, "loss": loss_sum / n, "acc": correct / n,
                   "lr": lr, "samples_per_s": n / max(seconds, 1e-9)}
         if write and self.config.log_every:
@@ -351,27 +368,57 @@ class _Run:
             bar.set_postfix_str(f"loss {record['loss']:.4f}  acc {100 * record['acc']:.2f}%  "
                                 f"{record['samples_per_s']:.0f} samples/s", refresh=False)
 
-    def _diverged(self, epoch: int, what: str) -> None:
+    def _diverged(self, epoch: int, what: str, event: str = "nan") -> None:
         ckpt = self.out / "checkpoint.pt"
         kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {ckpt}" if self.epoch > 0
                 else "no checkpoint was written yet")
         message = f"training diverged in epoch {epoch}: {what}; {kept}. Try a lower --lr."
-        self._write({"kind": "event", "event": "nan", "epoch": epoch, "step": self.step, "message": message})
+        self._write({"kind": "event", "event": event, "epoch": epoch, "step": self.step, "message": message})
         raise TrainingDiverged(message)
 
+    def _check_explosion(self, epoch: int, loss: float, first_step: int) -> None:
+        """Stop (or warn once) when a finite window loss exceeds ``divergence_factor`` × the run's first one.
+
+        Every process sees the same reduced loss, so under DDP all of them stop at the same window.
+        """
+        factor, reference = self.config.divergence_factor, self.loss_reference
+        if not factor:
+            return
+        if reference is None:
+            self.loss_reference = loss
+            return
+        if not loss > factor * reference or reference <= 0:
+            return
+        what = (f"the training loss rose to {loss:.3g} between steps {first_step} and {self.step}, more than "
+                f"divergence_factor = {factor:g} times its first value {reference:.3g}")
+        if self.config.divergence_action == "stop":
+            self._diverged(epoch, what, event="diverged")
+        if not self.divergence_warned:
+            self.divergence_warned = True
+            message = f"the loss is exploding in epoch {epoch}: {what}; training goes on (divergence_action = 'warn')"
+            self._write({"kind": "event", "event": "diverging", "epoch": epoch, "step": self.step,
+                         "message": message})
+            if self.main:
+                print(f"bioprop: warning: {message}", file=sys.stderr, flush=True)
+
     def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
-        """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took."""
+        """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took: the per-layer
+        values go to ``metrics_layers.jsonl``, their summary (mean/min/max over layers) to ``metrics.jsonl``."""
         from .. import metrics
         fn = getattr(metrics, "training_metrics", None)
         if fn is None:
             return
+        self.analysed_step = self.step
         start = time.perf_counter()
         values = fn(self.model, x, y, self.loss_fn)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        self._write({"kind": "analysis", "epoch": epoch, "step": self.step, "time_s": seconds,
-                     "metrics": jsonable(values)})
+        values = jsonable(values)
+        head = {"kind": "analysis", "epoch": epoch, "step": self.step}
+        self.layer_log.write({**head, "metrics": values})
+        self.log.write({**head, "time_s": seconds, "summary": metrics.summarize_metrics(values)})
+        self.tb.record({**head, "metrics": values})
 
     def _end_epoch(self, epoch: int, totals: list[float], train_time: float) -> None:
         config = self.config

@@ -19,7 +19,7 @@ Examples::
 from .cost import MetricsCost, measure_cost
 from .shadow import (ShadowResult, dfa_signal_angle, direct_markers, gradient_agreement, lillicrap_condition,
                      lillicrap_values, shadow_backward, topmost_feedback_layer)
-from .training import METRIC_KEYS, jsonable, training_metrics
+from .training import METRIC_KEYS, jsonable, summarize_metrics, training_metrics
 from .weights import (EXACT_MODES, alignment, angle, kurtosis, layer_feedback, magnitude_histogram, mean_abs,
                       model_weight_layers, norm_ratio, sign_concordance, weight_statistics)
 
@@ -27,6 +27,6 @@ __all__ = [
     "angle", "norm_ratio", "kurtosis", "mean_abs", "sign_concordance", "magnitude_histogram", "lillicrap_values",
     "alignment", "weight_statistics", "layer_feedback", "model_weight_layers", "EXACT_MODES",
     "ShadowResult", "shadow_backward", "gradient_agreement", "lillicrap_condition", "dfa_signal_angle",
-    "direct_markers", "topmost_feedback_layer", "training_metrics", "METRIC_KEYS", "jsonable", "MetricsCost",
-    "measure_cost",
+    "direct_markers", "topmost_feedback_layer", "training_metrics", "summarize_metrics", "METRIC_KEYS", "jsonable",
+    "MetricsCost", "measure_cost",
 ]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from .shadow import LossFn, _grad_angles, _lillicrap_from, _signal_angles, shadow_backward
 from .weights import weight_statistics
 
-__all__ = ["training_metrics", "METRIC_KEYS", "jsonable"]
+__all__ = ["training_metrics", "summarize_metrics", "METRIC_KEYS", "jsonable"]
 
 #: the keys of :func:`training_metrics`'s result, always all present
 METRIC_KEYS = ("alignment", "grad_angle", "norm_ratio", "kurtosis", "mean_abs_w", "sign_concordance", "lillicrap",
@@ -53,6 +53,42 @@ def training_metrics(model: nn.Module, x: Tensor | None = None, y: Tensor | None
         out["lillicrap"] = _lillicrap_from(result, model)
         out["dfa_signal_angle"] = _signal_angles(result)
     return jsonable(out)
+
+
+def summarize_metrics(values: dict[str, Any]) -> dict[str, Any]:
+    """One line's worth of :func:`training_metrics`: per metric, the mean, min and max over the layers.
+
+    A per-layer number gives ``{"mean", "min", "max", "layers"}``; a per-layer dict of numbers (``lillicrap``)
+    gives those statistics for each of its numeric fields. Lists (the ``hist`` histograms) and empty metrics
+    are left out; None values (undefined angles) are skipped.
+
+    Example:
+        >>> summarize_metrics({"alignment": {"0": 30.0, "2": 60.0, "4": None}, "hist": {"0": {"counts": [1]}}})
+        {'alignment': {'mean': 45.0, 'min': 30.0, 'max': 60.0, 'layers': 2}}
+    """
+    def stats(numbers: list[float]) -> dict[str, Any]:
+        return {"mean": sum(numbers) / len(numbers), "min": min(numbers), "max": max(numbers), "layers": len(numbers)}
+
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    out: dict[str, Any] = {}
+    for key, per_layer in values.items():
+        if not isinstance(per_layer, dict):
+            continue
+        flat = [v for v in per_layer.values() if number(v)]
+        if flat:
+            out[key] = stats(flat)
+            continue
+        fields: dict[str, list[float]] = {}
+        for entry in per_layer.values():
+            if isinstance(entry, dict):
+                for name, v in entry.items():
+                    if number(v):
+                        fields.setdefault(name, []).append(v)
+        if fields:
+            out[key] = {name: stats(numbers) for name, numbers in fields.items()}
+    return out
 
 
 def jsonable(value: Any) -> Any:

@@ -8,6 +8,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..engine.loop import LAYERS_LOG
+
 __all__ = ["RunData", "load_run", "label_runs", "analysis_series"]
 
 
@@ -19,7 +21,8 @@ class RunData:
         path: the directory.
         config: ``config.json`` (empty if missing).
         final: ``final.json`` (empty if missing).
-        records: the ``metrics.jsonl`` records by kind (``"train"``, ``"epoch"``, ``"analysis"``, ``"event"``).
+        records: the ``metrics.jsonl`` records by kind (``"train"``, ``"epoch"``, ``"analysis"``, ``"event"``);
+            analysis records carry their per-layer ``metrics`` from ``metrics_layers.jsonl``.
         notes: what was missing or unreadable.
         label: the name the figures give the run.
     """
@@ -96,7 +99,15 @@ def load_run(run_dir: str | Path) -> RunData:
     if not log.is_file():
         run.notes.append("metrics.jsonl is missing")
         return run
-    bad = 0
+    for record in _read_log(log, run.notes):
+        run.records.setdefault(str(record.get("kind", "")), []).append(record)
+    _attach_layers(run, path / LAYERS_LOG)
+    return run
+
+
+def _read_log(log: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The JSON-object lines of a log; unreadable ones (a killed run's last line) are counted in ``notes``."""
+    records, bad = [], 0
     with log.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
             if not line.strip():
@@ -107,12 +118,27 @@ def load_run(run_dir: str | Path) -> RunData:
                 bad += 1
                 continue
             if isinstance(record, dict):
-                run.records.setdefault(str(record.get("kind", "")), []).append(record)
+                records.append(record)
             else:
                 bad += 1
     if bad:
-        run.notes.append(f"{bad} unreadable line(s) in metrics.jsonl were skipped")
-    return run
+        notes.append(f"{bad} unreadable line(s) in {log.name} were skipped")
+    return records
+
+
+def _attach_layers(run: RunData, side: Path) -> None:
+    """Give each analysis record its per-layer ``metrics`` from the side file (matched by epoch and step).
+
+    Runs written before the side file existed carry ``metrics`` in ``metrics.jsonl`` itself and are left as
+    they are.
+    """
+    if not side.is_file():
+        return
+    layers = {(r.get("epoch"), r.get("step")): r["metrics"] for r in _read_log(side, run.notes)
+              if isinstance(r.get("metrics"), dict)}
+    for record in run.kind("analysis"):
+        if "metrics" not in record and (record.get("epoch"), record.get("step")) in layers:
+            record["metrics"] = layers[(record.get("epoch"), record.get("step"))]
 
 
 def label_runs(runs: list[RunData]) -> None:
