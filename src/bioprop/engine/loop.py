@@ -19,6 +19,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -27,10 +28,11 @@ from torch import Tensor, nn
 
 from . import distributed as dist_utils
 from .build import build_loss, build_optimizer, lr_factor
-from .checkpoint import (CheckpointError, check_same_run, load_checkpoint, rng_state, save_checkpoint,
+from .checkpoint import (CheckpointError, check_same_run, load_run_checkpoint, rng_state, save_checkpoint,
                          set_rng_state)
-from .config import ConfigError, TrainConfig, check_values
+from .config import ConfigError, TrainConfig, check_values, rule_options_of
 from .evaluation import RunningSums, evaluate
+from .rundir import RunLock, check_output_dir, make_output_dir, remove_run_files, run_files
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT"]
@@ -110,23 +112,68 @@ class _Run:
         self.config, self.env, self.device, self.on_step = config, env, device, on_step
         self.out = config.resolved_output_dir()
         self.main = env.is_main
+        self.lock = RunLock(self.out)
+        # the newest checkpoint known to be good (written here, or read back with a matching digest), if any
+        self.good_checkpoint: Path | None = None
+        self.keep_previous = True  # whether checkpoint.pt may become checkpoint.prev.pt at the next save
 
     # ------------------------------------------------------------------------------------------ set-up
 
+    def _set_up(self) -> dict[str, Any] | None:
+        """Everything before the first collective: checks, the run directory and its lock, the build."""
+        config = self.config
+        if self.main:
+            check_output_dir(self.out)
+            if self.out.is_dir():  # lock before reading anything in it
+                self.lock.acquire()
+        checkpoint = self._prepare_output()
+        self._build(checkpoint)  # validates the model, rule and data before the directory is created
+        if self.main:
+            make_output_dir(self.out)
+            if not self.lock.held:
+                self.lock.acquire()
+                if not config.overwrite:
+                    self._refuse_existing()  # another run may have started here while this one was built
+            if config.overwrite:
+                remove_run_files(self.out)
+        return checkpoint
+
+    def _refuse_existing(self) -> None:
+        found = run_files(self.out)
+        if found:
+            raise ConfigError("output_dir", f"{self.out} already holds a run ({', '.join(found)}); pass --resume "
+                                            "to continue it, --overwrite to start over, or another --output-dir")
+
     def _prepare_output(self) -> dict[str, Any] | None:
         """Check the run directory and load the checkpoint to resume; None for a fresh run."""
-        config, ckpt_path = self.config, self.out / "checkpoint.pt"
+        config = self.config
         if config.resume:
-            checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
-            if checkpoint.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{ckpt_path} has checkpoint format {checkpoint.get('format')!r}; this "
-                                      f"version reads format {CHECKPOINT_FORMAT}")
-            check_same_run(checkpoint["config"], config.to_dict(), ckpt_path)
+            try:
+                checkpoint, path = load_run_checkpoint(self.out, check=self._check_resumable)
+            except CheckpointError as err:
+                found = run_files(self.out)
+                if "no checkpoint at" in str(err) and found:
+                    raise CheckpointError(f"{err}: the run in {self.out} stopped before its first checkpoint (it "
+                                          f"holds {', '.join(found)}); start it over with --overwrite") from None
+                raise
+            done = int(checkpoint["epoch"])
+            if config.epochs < done:
+                raise ConfigError("epochs", f"the run in {self.out} is already past epoch {config.epochs}: its "
+                                            f"checkpoint is at epoch {done}; pass --epochs N with N > {done} to "
+                                            "train it longer")
+            self.resumed_from = path
+            self.keep_previous = path.name == "checkpoint.pt"  # never let a damaged checkpoint.pt become prev
+            self.good_checkpoint = path if "digest" in checkpoint else None
             return checkpoint
-        if self.main and ckpt_path.exists() and not config.overwrite:
-            raise ConfigError("output_dir", f"{self.out} already holds a run (checkpoint.pt); pass --resume to "
-                                            "continue it, --overwrite to start over, or another --output-dir")
+        if self.main and not config.overwrite:
+            self._refuse_existing()
         return None
+
+    def _check_resumable(self, checkpoint: dict[str, Any], path: Path) -> None:
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this "
+                                  f"version reads format {CHECKPOINT_FORMAT}")
+        check_same_run(checkpoint["config"], self.config.to_dict(), path)
 
     def _build(self, checkpoint: dict[str, Any] | None) -> None:
         import bioprop
@@ -174,15 +221,19 @@ class _Run:
                                  image_size=image_size, **config.model_args)
         except (TypeError, ValueError) as err:  # an unknown or bad keyword in model_args
             raise ConfigError("model_args", f"model_args of {config.model!r}: {err}") from None
-        model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
-                                **config.rule_options)
-        model.to(device)
-        if config.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if bioprop.direct.markers(model):
-            # Direct feedback draws its D matrices on the first forward pass (their size depends on the output);
-            # draw them now so they exist before a checkpoint is loaded and before DDP registers the buffers.
-            bioprop.direct.initialize(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
+        try:
+            model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
+                                    **rule_options_of(config))
+            model.to(device)
+            if config.channels_last:
+                model.to(memory_format=torch.channels_last)
+            if bioprop.direct.markers(model):
+                # Direct feedback draws its D matrices on the first forward pass (their size depends on the
+                # output); draw them now, before a checkpoint is loaded and before DDP registers the buffers.
+                bioprop.direct.initialize(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
+        except ValueError as err:  # a rule that cannot apply to this model or this last_layer
+            key = "last_layer" if config.last_layer and "last_layer" in str(err) else "rule"
+            raise ConfigError(key, f"rule {config.rule!r} on model {config.model!r}: {err}") from None
         self.model = model
         try:
             self.constraints = [create_constraint(name, model) for name in config.constraints]
@@ -200,6 +251,9 @@ class _Run:
         if checkpoint is not None:
             self._restore(checkpoint)
 
+    def _wrap(self) -> None:
+        """DDP and ``torch.compile`` around the model (after every rank has passed its checks)."""
+        config, env, device, model = self.config, self.env, self.device, self.model
         wrapped: nn.Module = model
         if env.distributed:
             wrapped = nn.parallel.DistributedDataParallel(
@@ -240,32 +294,45 @@ class _Run:
 
     def run(self) -> dict[str, Any]:
         config = self.config
-        checkpoint = self._prepare_output()
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self._build(checkpoint)
-        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
-                              resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
-        self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
-                                 purge_step=self.step if checkpoint is not None else None)
         try:
-            if self.main:
-                (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            if checkpoint is not None:
-                self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
-                             "checkpoint": str(self.out / "checkpoint.pt")})
-            while self.epoch < config.epochs:
-                self._train_epoch(self.epoch + 1)
-            return self._finish()
+            error: Exception | None = None
+            try:
+                checkpoint = self._set_up()
+            except Exception as err:  # noqa: BLE001 - handed to every rank, then raised
+                error = err
+            # An error only one rank saw (rank 0 checks the run directory) stops every rank with the same line.
+            error = dist_utils.first_error(error, self.env)  # type: ignore[assignment]
+            if error is not None:
+                raise error
+            self._wrap()
+            self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
+                                  resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
+            self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
+                                     purge_step=self.step if checkpoint is not None else None)
+            try:
+                if self.main:
+                    (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+                if checkpoint is not None:
+                    self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
+                                 "checkpoint": str(self.resumed_from)})
+                    if config.lr != checkpoint["config"].get("lr", config.lr):
+                        self._write({"kind": "event", "event": "lr_change", "epoch": self.epoch, "step": self.step,
+                                     "from": checkpoint["config"]["lr"], "to": config.lr})
+                while self.epoch < config.epochs:
+                    self._train_epoch(self.epoch + 1)
+                return self._finish()
+            finally:
+                self.log.close()
+                self.tb.close()
         finally:
-            self.log.close()
-            self.tb.close()
+            self.lock.release()
 
     def _write(self, record: dict[str, Any]) -> None:
         self.log.write(record)
         self.tb.record(record)
 
     def _train_epoch(self, epoch: int) -> None:
+        from ..optim import apply_constraints
         config, env, device = self.config, self.env, self.device
         # Dropout, augmentation and shuffling draw from here: a function of (seed, epoch, rank) only, so a
         # resumed epoch repeats the interrupted one exactly.
@@ -292,8 +359,7 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            for constraint in self.constraints:
-                constraint()
+            apply_constraints(self.constraints)  # sign projections before rescaling, so both hold exactly
             if self.mirror_step is not None:
                 self.mirror_step(self.model, step=self.step, seed=config.seed)
             self.step += 1
@@ -330,12 +396,20 @@ class _Run:
                                 f"{record['samples_per_s']:.0f} samples/s", refresh=False)
 
     def _diverged(self, epoch: int, what: str) -> None:
-        ckpt = self.out / "checkpoint.pt"
-        kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {ckpt}" if self.epoch > 0
-                else "no checkpoint was written yet")
-        message = f"training diverged in epoch {epoch}: {what}; {kept}. Try a lower --lr."
+        message = f"training diverged in epoch {epoch}: {what}; {self._divergence_advice()}"
         self._write({"kind": "event", "event": "nan", "epoch": epoch, "step": self.step, "message": message})
         raise TrainingDiverged(message)
+
+    def _divergence_advice(self) -> str:
+        """What is kept after a divergence and how to go on (resume allows a lower lr, nothing else)."""
+        lower = f"{self.config.lr / 10:g}"
+        if self.epoch == 0:
+            return f"no checkpoint was written yet. Start over with a lower lr: --overwrite --lr {lower}."
+        resume = f"continue with a lower lr: --resume --output-dir {self.out} --lr {lower}"
+        if self.good_checkpoint is not None:
+            return f"the last good checkpoint (epoch {self.epoch}) is kept at {self.good_checkpoint}; {resume}."
+        return (f"the checkpoint this run resumed from (epoch {self.epoch}, {self.resumed_from}) is kept, but it has "
+                f"no integrity digest, so it may itself be damaged; {resume}, or start over with --overwrite.")
 
     def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
         """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took."""
@@ -390,7 +464,9 @@ class _Run:
             # best.pt first: a kill between the two files resumes from the previous epoch and rewrites both.
             if improved:
                 save_checkpoint(state, self.out / "best.pt")
-            save_checkpoint(state, self.out / "checkpoint.pt")
+            save_checkpoint(state, self.out / "checkpoint.pt",
+                            previous=self.out / "checkpoint.prev.pt" if self.keep_previous else None)
+            self.keep_previous, self.good_checkpoint = True, self.out / "checkpoint.pt"
 
     def _finish(self) -> dict[str, Any]:
         from .. import metrics
