@@ -33,7 +33,7 @@ TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--lr", "lr", float, "peak learning rate; default 0.01"),
     ("--optimizer", "optimizer", str, "sgd, adam, adamw, rmsprop or bm (Batch Manhattan); default sgd"),
     ("--seed", "seed", int, "seed of weights, feedback, data order and dropout; default 0"),
-    ("--output-dir", "output_dir", str, "run directory; default runs/<dataset>-<model>-<rule>-s<seed>"),
+    ("--output-dir", "output_dir", str, "run directory; default runs/<dataset>-<model>-<rule>-s<seed>[-HASH]"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N; default auto"),
 ]
 

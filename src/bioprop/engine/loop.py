@@ -28,11 +28,11 @@ from torch import Tensor, nn
 
 from . import distributed as dist_utils
 from .build import build_loss, build_optimizer, lr_factor
-from .checkpoint import (CheckpointError, check_same_run, load_run_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .config import ConfigError, TrainConfig, check_values, rule_options_of
 from .evaluation import RunningSums, evaluate
-from .rundir import RunLock, check_output_dir, make_output_dir, remove_run_files, run_files
+from .rundir import (RunLock, check_output_dir, divergence_advice, make_output_dir, remove_run_files,
+                     resume_checkpoint, run_files)
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT"]
@@ -148,19 +148,7 @@ class _Run:
         """Check the run directory and load the checkpoint to resume; None for a fresh run."""
         config = self.config
         if config.resume:
-            try:
-                checkpoint, path = load_run_checkpoint(self.out, check=self._check_resumable)
-            except CheckpointError as err:
-                found = run_files(self.out)
-                if "no checkpoint at" in str(err) and found:
-                    raise CheckpointError(f"{err}: the run in {self.out} stopped before its first checkpoint (it "
-                                          f"holds {', '.join(found)}); start it over with --overwrite") from None
-                raise
-            done = int(checkpoint["epoch"])
-            if config.epochs < done:
-                raise ConfigError("epochs", f"the run in {self.out} is already past epoch {config.epochs}: its "
-                                            f"checkpoint is at epoch {done}; pass --epochs N with N > {done} to "
-                                            "train it longer")
+            checkpoint, path = resume_checkpoint(self.out, config, CHECKPOINT_FORMAT)
             self.resumed_from = path
             self.keep_previous = path.name == "checkpoint.pt"  # never let a damaged checkpoint.pt become prev
             self.good_checkpoint = path if "digest" in checkpoint else None
@@ -168,12 +156,6 @@ class _Run:
         if self.main and not config.overwrite:
             self._refuse_existing()
         return None
-
-    def _check_resumable(self, checkpoint: dict[str, Any], path: Path) -> None:
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this "
-                                  f"version reads format {CHECKPOINT_FORMAT}")
-        check_same_run(checkpoint["config"], self.config.to_dict(), path)
 
     def _build(self, checkpoint: dict[str, Any] | None) -> None:
         import bioprop
@@ -396,20 +378,11 @@ class _Run:
                                 f"{record['samples_per_s']:.0f} samples/s", refresh=False)
 
     def _diverged(self, epoch: int, what: str) -> None:
-        message = f"training diverged in epoch {epoch}: {what}; {self._divergence_advice()}"
+        advice = divergence_advice(self.out, self.config.lr, self.epoch, self.good_checkpoint,
+                                   getattr(self, "resumed_from", None))
+        message = f"training diverged in epoch {epoch}: {what}; {advice}"
         self._write({"kind": "event", "event": "nan", "epoch": epoch, "step": self.step, "message": message})
         raise TrainingDiverged(message)
-
-    def _divergence_advice(self) -> str:
-        """What is kept after a divergence and how to go on (resume allows a lower lr, nothing else)."""
-        lower = f"{self.config.lr / 10:g}"
-        if self.epoch == 0:
-            return f"no checkpoint was written yet. Start over with a lower lr: --overwrite --lr {lower}."
-        resume = f"continue with a lower lr: --resume --output-dir {self.out} --lr {lower}"
-        if self.good_checkpoint is not None:
-            return f"the last good checkpoint (epoch {self.epoch}) is kept at {self.good_checkpoint}; {resume}."
-        return (f"the checkpoint this run resumed from (epoch {self.epoch}, {self.resumed_from}) is kept, but it has "
-                f"no integrity digest, so it may itself be damaged; {resume}, or start over with --overwrite.")
 
     def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
         """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took."""

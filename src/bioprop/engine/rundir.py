@@ -13,11 +13,13 @@ import os
 import warnings
 from pathlib import Path
 
-from .checkpoint import RunWarning
-from .config import ConfigError
+from typing import Any
+
+from .checkpoint import CheckpointError, RunWarning, check_same_run, load_run_checkpoint
+from .config import ConfigError, TrainConfig
 
 __all__ = ["RUN_FILES", "LOCK_NAME", "run_files", "check_output_dir", "make_output_dir", "remove_run_files",
-           "RunLock"]
+           "RunLock", "resume_checkpoint", "divergence_advice"]
 
 #: every file a run writes; any of them present means the directory already holds a run
 RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "final.json", "metrics.jsonl", "config.json")
@@ -64,6 +66,54 @@ def remove_run_files(out: Path) -> None:
     """Delete a previous run's files (``--overwrite``), so none of them is mistaken for the new run's."""
     for name in RUN_FILES:
         (out / name).unlink(missing_ok=True)
+
+
+def resume_checkpoint(out: Path, config: TrainConfig, fmt: int) -> tuple[dict[str, Any], Path]:
+    """The checkpoint ``config`` resumes from (``checkpoint.pt``, else ``checkpoint.prev.pt``) and its path.
+
+    Raises:
+        CheckpointError: no usable checkpoint, or one of another format ``fmt``.
+        ConfigError: other settings than the checkpoint's, or ``epochs`` below the epochs already done.
+    """
+    def check(checkpoint: dict[str, Any], path: Path) -> None:
+        if checkpoint.get("format") != fmt:
+            raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this version reads "
+                                  f"format {fmt}")
+        check_same_run(checkpoint["config"], config.to_dict(), path)
+
+    try:
+        checkpoint, path = load_run_checkpoint(out, check=check)
+    except CheckpointError as err:
+        found = run_files(out)
+        if "no checkpoint at" in str(err) and found:
+            raise CheckpointError(f"{err}: the run in {out} stopped before its first checkpoint (it holds "
+                                  f"{', '.join(found)}); start it over with --overwrite") from None
+        raise
+    done = int(checkpoint["epoch"])
+    if config.epochs < done:
+        raise ConfigError("epochs", f"the run in {out} is already past epoch {config.epochs}: its checkpoint is at "
+                                    f"epoch {done}; pass --epochs N with N > {done} to train it longer")
+    return checkpoint, path
+
+
+def divergence_advice(out: Path, lr: float, epoch: int, good: Path | None, resumed_from: Path | None) -> str:
+    """What a divergence leaves and how to go on; a resume allows a lower lr, so that is what it suggests.
+
+    Args:
+        out: the run directory.
+        lr: the run's lr.
+        epoch: the epochs done (0: no checkpoint yet).
+        good: the newest checkpoint known to be good (written by this run or read back with its digest).
+        resumed_from: the checkpoint the run resumed from, if it did.
+    """
+    lower = f"{lr / 10:g}"
+    if epoch == 0:
+        return f"no checkpoint was written yet. Start over with a lower lr: --overwrite --lr {lower}."
+    resume = f"continue with a lower lr: --resume --output-dir {out} --lr {lower}"
+    if good is not None:
+        return f"the last good checkpoint (epoch {epoch}) is kept at {good}; {resume}."
+    return (f"the checkpoint this run resumed from (epoch {epoch}, {resumed_from}) is kept, but it has no integrity "
+            f"digest, so it may itself be damaged; {resume}, or start over with --overwrite.")
 
 
 class RunLock:
