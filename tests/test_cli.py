@@ -66,7 +66,8 @@ def test_resume_from_the_command_line_continues_the_run(tmp_path, capsys):
     assert [r["event"] for r in records if r["kind"] == "event"] == ["resume"]
     # without --resume an existing run is refused rather than overwritten
     assert main(["train", *TINY, "--rule", "fa", "--epochs", "2", "--output-dir", out]) == 2
-    assert "already holds a run (checkpoint.pt); pass --resume" in error_line(capsys)
+    assert ("already holds a run (checkpoint.pt, checkpoint.prev.pt, best.pt, final.json, metrics.jsonl, "
+            "config.json); pass --resume") in error_line(capsys)
 
 
 def test_toml_config_flags_and_dotted_overrides_layer_in_order(tmp_path, capsys):

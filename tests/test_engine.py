@@ -106,8 +106,9 @@ def test_config_errors_name_the_key_and_what_is_allowed():
 def test_run_writes_the_documented_layout(tmp_path):
     summary = train(small(tmp_path, epochs=2))
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.json", "final.json",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.prev.pt", "checkpoint.pt", "config.json",
+                                                     "final.json", "metrics.jsonl"]  # no run.lock left behind
+    assert load_checkpoint(out / "checkpoint.prev.pt")["epoch"] == 1
     assert json.loads((out / "config.json").read_text()) == small(tmp_path, epochs=2).to_dict()
     epochs = read_records(out / "metrics.jsonl", "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2] and [r["step"] for r in epochs] == [22, 44]

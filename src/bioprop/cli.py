@@ -36,7 +36,7 @@ TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--lr", "lr", float, "peak learning rate; default 0.01"),
     ("--optimizer", "optimizer", str, "sgd, adam, adamw, rmsprop or bm (Batch Manhattan); default sgd"),
     ("--seed", "seed", int, "seed of weights, feedback, data order and dropout; default 0"),
-    ("--output-dir", "output_dir", str, "run directory; default runs/<dataset>-<model>-<rule>-s<seed>"),
+    ("--output-dir", "output_dir", str, "run directory; default runs/<dataset>-<model>-<rule>-s<seed>[-HASH]"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N; default auto"),
 ]
 
@@ -167,11 +167,29 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, str
         # run's own config.json. The engine still refuses values that differ from the checkpoint's.
         saved_path = config.resolved_output_dir() / "config.json"
         if saved_path.is_file():
-            import json
-            saved = {k: v for k, v in json.loads(saved_path.read_text()).items() if k not in ("resume", "overwrite")}
+            saved = {k: v for k, v in _read_saved_config(saved_path).items() if k not in ("resume", "overwrite")}
             base = config_from_dict(saved, {k: str(saved_path) for k in saved})
             config = config_from_dict(values, sources, base=base)
     return config, sources
+
+
+def _read_saved_config(path: Path) -> dict[str, Any]:
+    """The settings a run saved in its ``config.json``.
+
+    Raises:
+        ConfigError: the file cannot be read or is not a JSON object.
+    """
+    import json
+    from .engine.config import ConfigError
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError("resume", f"cannot read the run's settings from {path} ({err}); restore that file, or "
+                                    "delete it and give every setting of the run again", "--resume") from None
+    if not isinstance(value, dict):
+        raise ConfigError("resume", f"{path} does not hold a JSON object of settings; restore that file, or delete "
+                                    "it and give every setting of the run again", "--resume")
+    return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -265,6 +283,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     missing = [str(p) for p in run_dirs if not (p / "metrics.jsonl").is_file()]
     if missing:
         _fail(f"RUN_DIR: not a run directory (no metrics.jsonl): {', '.join(missing)}", code=2)
+    from .report.runs import load_run
+    for run_dir in run_dirs:  # the report notes them too; say so here, where the user is looking
+        for note in load_run(run_dir).notes:
+            if "unreadable" in note:
+                print(f"{PROG}: warning: {run_dir}: {note}; its figures may miss records", file=sys.stderr)
     path = write_report(run_dirs, Path(args.output_dir), tsne=args.tsne, tsne_dataset=args.tsne_dataset)
     print(f"report: {path}")
     return 0
@@ -283,6 +306,15 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 the run failed, 2 bad usage, 130 interrupted)."""
+    import warnings
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning  # one line, like an error
+    try:
+        return _main(argv)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from .engine import CheckpointError, ConfigError, TrainingDiverged
 
     try:
@@ -322,6 +354,11 @@ def _data_error_type() -> type[Exception] | None:
     except ImportError:
         return None
     return DatasetError
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    return f"{PROG}: warning: {message}\n"
 
 
 def _error(message: str, code: int) -> int:

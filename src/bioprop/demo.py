@@ -184,8 +184,8 @@ def _watch(futures: dict[str, Future], run_dirs: dict[str, Path], steps_total: i
 def _clear_old_run(run_dir: Path) -> None:
     """Remove the demo's own run directory from an earlier demo, so that its log is not read as this run's."""
     if (run_dir / "config.json").is_file():
-        for name in ("metrics.jsonl", "metrics_layers.jsonl", "checkpoint.pt", "best.pt", "final.json", "config.json"):
-            (run_dir / name).unlink(missing_ok=True)
+        from .engine.rundir import remove_run_files
+        remove_run_files(run_dir)
 
 
 def _new_records(path: Path, offsets: dict[str, int], key: str) -> list[dict[str, Any]]:

@@ -104,6 +104,14 @@ class IdxSource(DataSource):
             return cache
         return self.find_idx(root)
 
+    def not_found(self, root: Path) -> DatasetNotFoundError:
+        cache = self.cache_path(root)
+        if cache.is_file() and not _sidecar(cache).is_file():
+            return DatasetNotFoundError(f"{self.title}: {cache} is there but its checksum record {_sidecar(cache)} "
+                                        f"is missing; run `bioprop data get {self.name}` to check the file against "
+                                        "the official digests and write the record again")
+        return super().not_found(root)
+
     def find_idx(self, root: Path) -> Path | None:
         """The first folder holding all four IDX files (each ``.gz`` or uncompressed)."""
         for folder in self.idx_dirs(root):
@@ -163,6 +171,12 @@ class IdxSource(DataSource):
             except DatasetCorruptError:  # the cache is derived data: rebuild it from the sources below
                 cache.unlink()
                 _sidecar(cache).unlink()
+        elif cache.is_file() and self.content_sha256:
+            try:  # a lost checksum record: write it again if the arrays are the official ones
+                with np.load(cache) as arrays:
+                    return self.write_cache(root, {k: arrays[k] for k in arrays.files})
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, DatasetCorruptError):
+                cache.unlink()  # not the official data: rebuild it from the sources below
         failures: list[str] = []
         folder = self.find_idx(root)
         if folder is not None:

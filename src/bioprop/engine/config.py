@@ -78,7 +78,7 @@ class TrainConfig:
     # --- reproducibility and output
     seed: int = 0  # seeds weights, feedback matrices, data order, augmentation and dropout
     deterministic: bool = False  # also ask torch for deterministic kernels (slower on GPU; CPU already is)
-    output_dir: str = ""  # "" = runs/<dataset>-<model>-<rule>-s<seed>
+    output_dir: str = ""  # "" = runs/<dataset>-<model>-<rule>-s<seed>[-<hash of the other changed settings>]
     resume: bool = False  # continue the run in output_dir from its checkpoint.pt
     overwrite: bool = False  # start over in an output_dir that already holds a run
     eval_every: int = 1  # evaluate every N epochs (and always after the last one)
@@ -95,10 +95,15 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def resolved_output_dir(self) -> Path:
-        """The run directory: ``output_dir`` or a name made from the data set, model, rule and seed."""
+        """The run directory: ``output_dir``, or ``runs/<dataset>-<model>-<rule>-s<seed>`` followed by
+        ``-<8 hex digits>``, a hash of the other settings that differ from the defaults (none: no suffix), so
+        that runs with other learning rates, models options, ... get directories of their own. Settings that
+        may change on resume (epochs, logging, device, ...) are not part of the hash."""
         if self.output_dir:
             return Path(self.output_dir)
-        return Path("runs") / f"{self.dataset}-{self.model}-{self.rule}-s{self.seed}"
+        name = f"{self.dataset}-{self.model}-{self.rule}-s{self.seed}"
+        changed = settings_hash(self)
+        return Path("runs") / (f"{name}-{changed}" if changed else name)
 
 
 class ConfigError(ValueError):
@@ -114,9 +119,35 @@ class ConfigError(ValueError):
         self.key, self.reason, self.source = key, reason, source
         super().__init__(f"{source}: {reason}" if source else reason)
 
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled across DDP ranks (engine.distributed.first_error)
+        return (ConfigError, (self.key, self.reason, self.source))
+
     def with_source(self, source: str) -> "ConfigError":
         """The same error, attributed to ``source`` (unchanged when ``source`` is empty)."""
         return ConfigError(self.key, self.reason, source or self.source)
+
+
+def settings_hash(config: TrainConfig) -> str:
+    """8 hex digits of sha256 over the settings that differ from the defaults, leaving out those already in the
+    default directory name and those that may change on resume; "" when there are none."""
+    import hashlib
+    import json
+    from .checkpoint import RESUMABLE_CHANGES
+    skip = RESUMABLE_CHANGES | {"dataset", "model", "rule", "seed"}
+    defaults, values = TrainConfig().to_dict(), config.to_dict()
+    changed = {k: v for k, v in values.items() if k not in skip and v != defaults[k]}
+    if not changed:
+        return ""
+    return hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def rule_options_of(config: TrainConfig) -> dict[str, Any]:
+    """``config.rule_options`` as the rule takes them: ``"none"`` (which TOML and ``--set`` can write) becomes
+    None for an option whose default is None (e.g. ``norm``)."""
+    from ..rules import rule_options
+    defaults = rule_options(config.rule)
+    return {k: (None if isinstance(v, str) and v.lower() == "none" and k in defaults and defaults[k] is None
+                else v) for k, v in config.rule_options.items()}
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -214,6 +245,9 @@ def check_values(config: TrainConfig) -> None:
         raise ConfigError("milestones", f"milestones must be increasing, got {config.milestones!r}")
     if config.schedule == "multistep" and not config.milestones:
         raise ConfigError("milestones", "schedule 'multistep' needs milestones, e.g. milestones = [50, 75]")
+    if isinstance(config.seed, bool) or not 0 <= config.seed < 2**64:
+        raise ConfigError("seed", f"seed must be an integer in 0 .. 2**64-1 (it seeds torch's 64-bit generator), "
+                                  f"got {config.seed!r}")
     if config.resume and config.overwrite:
         raise ConfigError("resume", "resume and overwrite exclude each other; pick one")
     try:
@@ -221,7 +255,7 @@ def check_values(config: TrainConfig) -> None:
     except ValueError as err:
         raise ConfigError("rule", str(err)) from None
     try:
-        create_rule(config.rule, **config.rule_options)
+        create_rule(config.rule, **rule_options_of(config))
     except (TypeError, ValueError) as err:
         raise ConfigError("rule_options", f"rule_options: {err}") from None
     if config.last_layer:

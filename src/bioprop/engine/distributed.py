@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["DistEnv", "detect", "setup", "teardown", "choose_device", "all_reduce_sum"]
+__all__ = ["DistEnv", "detect", "setup", "teardown", "choose_device", "all_reduce_sum", "first_error"]
 
 
 @dataclass(frozen=True)
@@ -108,3 +108,29 @@ def broadcast_object(value: object, env: DistEnv) -> object:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def first_error(error: BaseException | None, env: DistEnv) -> BaseException | None:
+    """The error of the lowest rank that has one (None when no rank has), the same on every process.
+
+    Each rank calls this once after its own set-up checks, so an error only one rank can see (e.g. rank 0's
+    look at the run directory) stops every rank with the same message instead of leaving the others blocked
+    in their first collective.
+    """
+    if not env.distributed:
+        return error
+    gathered: list[object] = [None] * env.world_size
+    dist.all_gather_object(gathered, _portable(error))
+    return next((e for e in gathered if e is not None), None)  # type: ignore[return-value]
+
+
+def _portable(error: BaseException | None) -> BaseException | None:
+    """``error`` in a form that survives pickling (ConfigError keeps its key and source)."""
+    if error is None or isinstance(error, ConfigError):
+        return error
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(str(error))

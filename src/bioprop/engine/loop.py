@@ -20,6 +20,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -28,11 +29,12 @@ from torch import Tensor, nn
 
 from . import distributed as dist_utils
 from .build import build_loss, build_optimizer, lr_factor
-from .checkpoint import (CheckpointError, check_same_run, load_checkpoint, rng_state, save_checkpoint,
-                         set_rng_state)
-from .config import ConfigError, TrainConfig, check_values
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
+from .config import ConfigError, TrainConfig, check_values, rule_options_of
 from .evaluation import RunningSums, evaluate
 from .plateau import PlateauHalving
+from .rundir import (RunLock, check_output_dir, divergence_advice, make_output_dir, remove_run_files,
+                     resume_checkpoint, run_files)
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT", "LAYERS_LOG"]
@@ -125,22 +127,49 @@ class _Run:
         self.config, self.env, self.device, self.on_step = config, env, device, on_step
         self.out = config.resolved_output_dir()
         self.main = env.is_main
+        self.lock = RunLock(self.out)
+        # the newest checkpoint known to be good (written here, or read back with a matching digest), if any
+        self.good_checkpoint: Path | None = None
+        self.keep_previous = True  # whether checkpoint.pt may become checkpoint.prev.pt at the next save
 
     # ------------------------------------------------------------------------------------------ set-up
 
+    def _set_up(self) -> dict[str, Any] | None:
+        """Everything before the first collective: checks, the run directory and its lock, the build."""
+        config = self.config
+        if self.main:
+            check_output_dir(self.out)
+            if self.out.is_dir():  # lock before reading anything in it
+                self.lock.acquire()
+        checkpoint = self._prepare_output()
+        self._build(checkpoint)  # validates the model, rule and data before the directory is created
+        if self.main:
+            make_output_dir(self.out)
+            if not self.lock.held:
+                self.lock.acquire()
+                if not config.overwrite:
+                    self._refuse_existing()  # another run may have started here while this one was built
+            if config.overwrite:
+                remove_run_files(self.out)
+        return checkpoint
+
+    def _refuse_existing(self) -> None:
+        found = run_files(self.out)
+        if found:
+            raise ConfigError("output_dir", f"{self.out} already holds a run ({', '.join(found)}); pass --resume "
+                                            "to continue it, --overwrite to start over, or another --output-dir")
+
     def _prepare_output(self) -> dict[str, Any] | None:
         """Check the run directory and load the checkpoint to resume; None for a fresh run."""
-        config, ckpt_path = self.config, self.out / "checkpoint.pt"
+        config = self.config
         if config.resume:
-            checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
-            if checkpoint.get("format") != CHECKPOINT_FORMAT:
-                raise CheckpointError(f"{ckpt_path} has checkpoint format {checkpoint.get('format')!r}; this "
-                                      f"version reads format {CHECKPOINT_FORMAT}")
-            check_same_run(checkpoint["config"], config.to_dict(), ckpt_path)
+            checkpoint, path = resume_checkpoint(self.out, config, CHECKPOINT_FORMAT)
+            self.resumed_from = path
+            self.keep_previous = path.name == "checkpoint.pt"  # never let a damaged checkpoint.pt become prev
+            self.good_checkpoint = path if "digest" in checkpoint else None
             return checkpoint
-        if self.main and ckpt_path.exists() and not config.overwrite:
-            raise ConfigError("output_dir", f"{self.out} already holds a run (checkpoint.pt); pass --resume to "
-                                            "continue it, --overwrite to start over, or another --output-dir")
+        if self.main and not config.overwrite:
+            self._refuse_existing()
         return None
 
     def _build(self, checkpoint: dict[str, Any] | None) -> None:
@@ -191,15 +220,19 @@ class _Run:
                                  image_size=image_size, **config.model_args)
         except (TypeError, ValueError) as err:  # an unknown or bad keyword in model_args
             raise ConfigError("model_args", f"model_args of {config.model!r}: {err}") from None
-        model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
-                                **config.rule_options)
-        model.to(device)
-        if config.channels_last:
-            model.to(memory_format=torch.channels_last)
-        if bioprop.direct.markers(model):
-            # Direct feedback draws its D matrices on the first forward pass (their size depends on the output);
-            # draw them now so they exist before a checkpoint is loaded and before DDP registers the buffers.
-            bioprop.direct.initialize(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
+        try:
+            model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
+                                    **rule_options_of(config))
+            model.to(device)
+            if config.channels_last:
+                model.to(memory_format=torch.channels_last)
+            if bioprop.direct.markers(model):
+                # Direct feedback draws its D matrices on the first forward pass (their size depends on the
+                # output); draw them now, before a checkpoint is loaded and before DDP registers the buffers.
+                bioprop.direct.initialize(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
+        except ValueError as err:  # a rule that cannot apply to this model or this last_layer
+            key = "last_layer" if config.last_layer and "last_layer" in str(err) else "rule"
+            raise ConfigError(key, f"rule {config.rule!r} on model {config.model!r}: {err}") from None
         self.model = model
         try:
             self.constraints = [create_constraint(name, model) for name in config.constraints]
@@ -222,6 +255,9 @@ class _Run:
         if checkpoint is not None:
             self._restore(checkpoint)
 
+    def _wrap(self) -> None:
+        """DDP and ``torch.compile`` around the model (after every rank has passed its checks)."""
+        config, env, device, model = self.config, self.env, self.device, self.model
         wrapped: nn.Module = model
         if env.distributed:
             wrapped = nn.parallel.DistributedDataParallel(
@@ -268,36 +304,50 @@ class _Run:
 
     def run(self) -> dict[str, Any]:
         config = self.config
-        checkpoint = self._prepare_output()
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self._build(checkpoint)
-        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
-                              resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
-        # the per-layer arrays of the analysis records: metrics.jsonl keeps one summary line per record
-        self.layer_log = MetricsLog(self.out / LAYERS_LOG, enabled=self.main and config.metrics_every > 0,
-                                    resume_at=None if checkpoint is None else int(checkpoint.get("layer_log_bytes", 0)))
-        self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
-                                 purge_step=self.step if checkpoint is not None else None)
         try:
-            if self.main:
-                (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            if checkpoint is not None:
-                self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
-                             "checkpoint": str(self.out / "checkpoint.pt")})
-            while self.epoch < config.epochs and not (self.plateau is not None and self.plateau.stop_reason):
-                self._train_epoch(self.epoch + 1)
-            return self._finish()
+            error: Exception | None = None
+            try:
+                checkpoint = self._set_up()
+            except Exception as err:  # noqa: BLE001 - handed to every rank, then raised
+                error = err
+            # An error only one rank saw (rank 0 checks the run directory) stops every rank with the same line.
+            error = dist_utils.first_error(error, self.env)  # type: ignore[assignment]
+            if error is not None:
+                raise error
+            self._wrap()
+            self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
+                                  resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
+            # the per-layer arrays of the analysis records: metrics.jsonl keeps one summary line per record
+            self.layer_log = MetricsLog(self.out / LAYERS_LOG, enabled=self.main and config.metrics_every > 0,
+                                        resume_at=None if checkpoint is None
+                                        else int(checkpoint.get("layer_log_bytes", 0)))
+            self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
+                                     purge_step=self.step if checkpoint is not None else None)
+            try:
+                if self.main:
+                    (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+                if checkpoint is not None:
+                    self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
+                                 "checkpoint": str(self.resumed_from)})
+                    if config.lr != checkpoint["config"].get("lr", config.lr):
+                        self._write({"kind": "event", "event": "lr_change", "epoch": self.epoch, "step": self.step,
+                                     "from": checkpoint["config"]["lr"], "to": config.lr})
+                while self.epoch < config.epochs and not (self.plateau is not None and self.plateau.stop_reason):
+                    self._train_epoch(self.epoch + 1)
+                return self._finish()
+            finally:
+                self.log.close()
+                self.layer_log.close()
+                self.tb.close()
         finally:
-            self.log.close()
-            self.layer_log.close()
-            self.tb.close()
+            self.lock.release()
 
     def _write(self, record: dict[str, Any]) -> None:
         self.log.write(record)
         self.tb.record(record)
 
     def _train_epoch(self, epoch: int) -> None:
+        from ..optim import apply_constraints
         config, env, device = self.config, self.env, self.device
         # Dropout, augmentation and shuffling draw from here: a function of (seed, epoch, rank) only, so a
         # resumed epoch repeats the interrupted one exactly.
@@ -326,8 +376,7 @@ class _Run:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            for constraint in self.constraints:
-                constraint()
+            apply_constraints(self.constraints)  # sign projections before rescaling, so both hold exactly
             if self.mirror_step is not None:
                 self.mirror_step(self.model, step=self.step, seed=config.seed)
             self.step += 1
@@ -369,10 +418,9 @@ class _Run:
                                 f"{record['samples_per_s']:.0f} samples/s", refresh=False)
 
     def _diverged(self, epoch: int, what: str, event: str = "nan") -> None:
-        ckpt = self.out / "checkpoint.pt"
-        kept = (f"the last good checkpoint (epoch {self.epoch}) is kept at {ckpt}" if self.epoch > 0
-                else "no checkpoint was written yet")
-        message = f"training diverged in epoch {epoch}: {what}; {kept}. Try a lower --lr."
+        advice = divergence_advice(self.out, self.config.lr, self.epoch, self.good_checkpoint,
+                                   getattr(self, "resumed_from", None))
+        message = f"training diverged in epoch {epoch}: {what}; {advice}"
         self._write({"kind": "event", "event": event, "epoch": epoch, "step": self.step, "message": message})
         raise TrainingDiverged(message)
 
@@ -465,7 +513,9 @@ class _Run:
             # best.pt first: a kill between the two files resumes from the previous epoch and rewrites both.
             if improved:
                 save_checkpoint(state, self.out / "best.pt")
-            save_checkpoint(state, self.out / "checkpoint.pt")
+            save_checkpoint(state, self.out / "checkpoint.pt",
+                            previous=self.out / "checkpoint.prev.pt" if self.keep_previous else None)
+            self.keep_previous, self.good_checkpoint = True, self.out / "checkpoint.pt"
 
     def _finish(self) -> dict[str, Any]:
         from .. import metrics

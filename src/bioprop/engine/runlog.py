@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 import numpy as np
 from torch import Tensor
 
-__all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records", "jsonable", "epoch_line"]
+__all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records", "jsonable", "epoch_line", "LogError"]
 
 T = TypeVar("T")
 
@@ -54,7 +55,9 @@ class MetricsLog:
         enabled: False on non-main ranks (nothing is written).
         resume_at: byte offset recorded in the checkpoint being resumed. The file is cut back to it, so the
             records of work that the checkpoint does not contain disappear and the log reads exactly as an
-            uninterrupted run's. None starts a new file.
+            uninterrupted run's. A log shorter than that (a host crash, a partial copy) is never padded: it is
+            cut back to its last complete record and continued from there, with a ``RunWarning``. None starts
+            a new file.
     """
 
     def __init__(self, path: Path, enabled: bool = True, resume_at: int | None = None) -> None:
@@ -63,11 +66,15 @@ class MetricsLog:
         self._fh = None
         if not enabled:
             return
+        if resume_at is not None and not path.exists():
+            _warn(f"{path} is missing; the resumed run starts a new log (the records before the checkpoint are "
+                  "lost)")
         if resume_at is None or not path.exists():
             self._fh = path.open("w", encoding="utf-8")
         else:
+            cut = _repair_point(path, resume_at)
             self._fh = path.open("r+", encoding="utf-8")
-            self._fh.seek(resume_at)
+            self._fh.seek(cut)
             self._fh.truncate()
 
     def write(self, record: dict[str, Any]) -> None:
@@ -87,15 +94,65 @@ class MetricsLog:
             self._fh = None
 
 
+def _warn(message: str) -> None:
+    from .checkpoint import RunWarning
+    warnings.warn(message, RunWarning, stacklevel=3)
+
+
+def _repair_point(path: Path, resume_at: int) -> int:
+    """Where to cut the log to resume: ``resume_at`` when the log holds that many bytes of whole records, else
+    the end of its last whole record before that point (with a warning)."""
+    data = path.read_bytes()[:resume_at]
+    if len(data) == resume_at and (resume_at == 0 or data.endswith(b"\n")):
+        return resume_at
+    cut = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n") or not _is_record(line):
+            break
+        cut += len(line)
+    records = data[:cut].count(b"\n")
+    _warn(f"{path} holds {len(data)} usable bytes where the checkpoint expects {resume_at} (a crash or a partial "
+          f"copy); kept its first {records} complete records and continued after them")
+    return cut
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+class LogError(ValueError):
+    """A ``metrics.jsonl`` line that is not a JSON record (the message names the file and the line)."""
+
+
 def read_records(path: str | Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, optionally only those of one ``kind``."""
+    """The records of a ``metrics.jsonl`` file, optionally only those of one ``kind``.
+
+    A last line without its newline that does not parse (the record being written when a run was killed) is
+    left out.
+
+    Raises:
+        LogError: any other line that is not a JSON object (a damaged or padded log).
+    """
     records = []
-    with Path(path).open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                record = json.loads(line)
-                if kind is None or record.get("kind") == kind:
-                    records.append(record)
+    raw = Path(path).read_bytes()
+    lines = raw.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if number == len(lines):  # unterminated last line: a record cut by a kill
+                continue
+            raise LogError(f"{path} line {number} is not a JSON record ({type(err).__name__}); the log is "
+                           "damaged") from None
+        if not isinstance(record, dict):
+            raise LogError(f"{path} line {number} is not a JSON record (a {type(record).__name__})")
+        if kind is None or record.get("kind") == kind:
+            records.append(record)
     return records
 
 

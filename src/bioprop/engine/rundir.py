@@ -1,0 +1,176 @@
+"""The run directory: which files make a run, whether a directory can hold one, and the lock that keeps two
+processes out of the same one.
+
+A run directory holds :data:`RUN_FILES`. While a process trains in it, it also holds ``run.lock``, created
+with ``O_EXCL`` and holding that process's id: a second process (a second ``--resume`` of a live run, or two
+fresh runs started at once) is refused. A lock whose process is gone (a ``kill -9``, a crash) is stale and is
+taken over with a warning.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import warnings
+from pathlib import Path
+
+from typing import Any
+
+from .checkpoint import CheckpointError, RunWarning, check_same_run, load_run_checkpoint
+from .config import ConfigError, TrainConfig
+
+__all__ = ["RUN_FILES", "LOCK_NAME", "run_files", "check_output_dir", "make_output_dir", "remove_run_files",
+           "RunLock", "resume_checkpoint", "divergence_advice"]
+
+#: every file a run writes; any of them present means the directory already holds a run
+RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "final.json", "metrics.jsonl", "metrics_layers.jsonl",
+             "config.json")
+LOCK_NAME = "run.lock"
+
+
+def run_files(out: Path) -> list[str]:
+    """The names of :data:`RUN_FILES` present in ``out``."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse, before anything is built, a run directory that cannot exist or cannot be written.
+
+    Raises:
+        ConfigError: ``out`` is a file, lies under a file, or its first existing ancestor is not writable.
+    """
+    if out.exists() and not out.is_dir():
+        raise ConfigError("output_dir", f"output_dir {out} is a file; allowed: a directory (new or existing)")
+    ancestor = out
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor != out and not ancestor.is_dir():
+        raise ConfigError("output_dir", f"output_dir {out} lies under {ancestor}, which is a file; allowed: a "
+                                        "path whose parents are directories")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError("output_dir", f"output_dir {out} cannot be created or written: {ancestor} is not "
+                                        "writable; allowed: a directory this user can write")
+
+
+def make_output_dir(out: Path) -> None:
+    """``mkdir -p out``, with a one-line error.
+
+    Raises:
+        ConfigError: the directory cannot be created.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("output_dir", f"output_dir {out} cannot be created: {err.strerror or err}") from None
+
+
+def remove_run_files(out: Path) -> None:
+    """Delete a previous run's files (``--overwrite``), so none of them is mistaken for the new run's."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+
+
+def resume_checkpoint(out: Path, config: TrainConfig, fmt: int) -> tuple[dict[str, Any], Path]:
+    """The checkpoint ``config`` resumes from (``checkpoint.pt``, else ``checkpoint.prev.pt``) and its path.
+
+    Raises:
+        CheckpointError: no usable checkpoint, or one of another format ``fmt``.
+        ConfigError: other settings than the checkpoint's, or ``epochs`` below the epochs already done.
+    """
+    def check(checkpoint: dict[str, Any], path: Path) -> None:
+        if checkpoint.get("format") != fmt:
+            raise CheckpointError(f"{path} has checkpoint format {checkpoint.get('format')!r}; this version reads "
+                                  f"format {fmt}")
+        check_same_run(checkpoint["config"], config.to_dict(), path)
+
+    try:
+        checkpoint, path = load_run_checkpoint(out, check=check)
+    except CheckpointError as err:
+        found = run_files(out)
+        if "no checkpoint at" in str(err) and found:
+            raise CheckpointError(f"{err}: the run in {out} stopped before its first checkpoint (it holds "
+                                  f"{', '.join(found)}); start it over with --overwrite") from None
+        raise
+    done = int(checkpoint["epoch"])
+    if config.epochs < done:
+        raise ConfigError("epochs", f"the run in {out} is already past epoch {config.epochs}: its checkpoint is at "
+                                    f"epoch {done}; pass --epochs N with N > {done} to train it longer")
+    return checkpoint, path
+
+
+def divergence_advice(out: Path, lr: float, epoch: int, good: Path | None, resumed_from: Path | None) -> str:
+    """What a divergence leaves and how to go on; a resume allows a lower lr, so that is what it suggests.
+
+    Args:
+        out: the run directory.
+        lr: the run's lr.
+        epoch: the epochs done (0: no checkpoint yet).
+        good: the newest checkpoint known to be good (written by this run or read back with its digest).
+        resumed_from: the checkpoint the run resumed from, if it did.
+    """
+    lower = f"{lr / 10:g}"
+    if epoch == 0:
+        return f"no checkpoint was written yet. Start over with a lower lr: --overwrite --lr {lower}."
+    resume = f"continue with a lower lr: --resume --output-dir {out} --lr {lower}"
+    if good is not None:
+        return f"the last good checkpoint (epoch {epoch}) is kept at {good}; {resume}."
+    return (f"the checkpoint this run resumed from (epoch {epoch}, {resumed_from}) is kept, but it has no integrity "
+            f"digest, so it may itself be damaged; {resume}, or start over with --overwrite.")
+
+
+class RunLock:
+    """An exclusive ``run.lock`` in a run directory, holding this process's id.
+
+    Args:
+        out: the run directory (it must exist).
+
+    Raises:
+        ConfigError: (from :meth:`acquire`) another live process holds the lock.
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / LOCK_NAME
+        self.held = False
+
+    def acquire(self) -> "RunLock":
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = _lock_pid(self.path)
+                if pid is not None and _alive(pid):
+                    raise ConfigError("output_dir", f"{self.path.parent} is in use by another bioprop process (pid "
+                                                    f"{pid}, lock {self.path}); wait for it to end, or pick another "
+                                                    "--output-dir") from None
+                warnings.warn(f"removing the stale lock {self.path} (its process {pid} is gone)", RunWarning,
+                              stacklevel=2)
+                self.path.unlink(missing_ok=True)
+                continue
+            except OSError as err:
+                raise ConfigError("output_dir", f"cannot create the lock {self.path}: {err.strerror or err}") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            self.held = True
+            return self
+        raise ConfigError("output_dir", f"cannot take the lock {self.path}: another process keeps creating it")
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.path.unlink(missing_ok=True)
+
+
+def _lock_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None  # unreadable or half-written: treated as stale
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True  # this process already trains there (e.g. a train() inside an on_step callback)
+    try:
+        os.kill(pid, 0)
+    except OSError as err:
+        return err.errno == errno.EPERM  # exists, owned by another user
+    return True
