@@ -79,7 +79,7 @@ def test_an_exploding_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoi
     with pytest.raises(TrainingDiverged, match=r"^training diverged in epoch 2: the training loss rose to \S+ between "
                                                r"steps 31 and 35, more than divergence_factor = 1000 times its first "
                                                r"value \S+; the last good checkpoint \(epoch 1\) is kept at .*"
-                                               r"checkpoint.pt\. Try a lower --lr\.$"):
+                                               r"checkpoint.pt; continue with a lower lr: --resume --output-dir \S+ --lr \S+\.$"):
         train(small(tmp_path), on_step=blow_up)
     run = tmp_path / "run"
     checkpoint = load_checkpoint(run / "checkpoint.pt")
