@@ -93,7 +93,8 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
         del run
         # Free the DDP reducer while its process group still exists: destroying the group first makes the
         # reducer tear the group down itself later, which can deadlock with gloo's worker threads.
-        gc.collect()
+        if env.distributed:
+            gc.collect()
         if owns_group:
             dist_utils.teardown(env)
 
