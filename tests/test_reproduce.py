@@ -415,3 +415,19 @@ def test_print_commands_resume_an_interrupted_run(tmp_path: Path) -> None:
     assert command.endswith("--resume")
     assert main(shlex.split(command)[1:]) == 0
     assert build_table(plan)["cells"][0]["status"] == "done"
+
+
+def test_claim_figures_cover_finished_order_claims_of_three_or_more_cells(tmp_path: Path) -> None:
+    from bioprop.experiments.results import write_claim_figures
+    def cell(ident: str, mean: float | None, status: str = "done") -> dict[str, Any]:
+        return {"id": ident, "row_label": ident.split("/")[1], "status": status, "mean": mean, "std": None}
+    table = {"metric": "test_error", "cells": [cell("d/p0", 9.0), cell("d/p05", 5.0), cell("d/p1", 2.0),
+                                                cell("d/q", None, "not run")],
+             "claims": [{"id": "falls", "kind": "order", "verdict": "does not hold", "cells": ["d/p1", "d/p05", "d/p0"]},
+                        {"id": "pair", "kind": "order", "verdict": "holds", "cells": ["d/p1", "d/p0"]},
+                        {"id": "open", "kind": "order", "verdict": "not testable here",
+                         "cells": ["d/p1", "d/p05", "d/q"]},
+                        {"id": "near", "kind": "within", "verdict": "holds", "cells": ["d/p1", "d/p05", "d/p0"]}]}
+    figures = write_claim_figures(table, tmp_path)
+    assert figures == {"falls": "figures/falls.png"}
+    assert (tmp_path / "figures" / "falls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

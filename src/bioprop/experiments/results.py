@@ -13,8 +13,8 @@ from typing import Any, Sequence
 from .runner import Plan, data_missing, format_seconds, run_dir, run_state
 from .spec import Claim
 
-__all__ = ["build_table", "verdict", "render_markdown", "write_results", "write_reports", "mean_std",
-           "CELL_STATUSES"]
+__all__ = ["build_table", "verdict", "render_markdown", "write_results", "write_reports", "write_claim_figures",
+           "mean_std", "CELL_STATUSES"]
 
 #: what a cell's ``status`` may be in results.json
 CELL_STATUSES = ("done", "partial", "diverged", "not run", "method not implemented", "data not present")
@@ -188,6 +188,42 @@ def write_results(table: dict[str, Any], folder: Path, reports: dict[str, str] |
     return md_path, json_path
 
 
+def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
+    """One figure per ``order`` claim over three or more finished cells: each cell's mean (± std over seeds) in
+    the claim's order, e.g. liao2016's test error against the fraction of concordant signs.
+
+    Returns:
+        claim id -> figure path relative to ``folder`` (``figures/<claim id>.png``).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = {c["id"]: c for c in table["cells"]}
+    unit = "box AP (%)" if table["metric"] == "ap" else "test error (%)"
+    figures = {}
+    for claim in table["claims"]:
+        entries = [cells.get(ident) for ident in claim["cells"]]
+        if (claim["kind"] != "order" or len(entries) < 3
+                or any(e is None or e["status"] != "done" or e["mean"] is None for e in entries)):
+            continue
+        means = [e["mean"] for e in entries]  # type: ignore[index]
+        stds = [e["std"] or 0.0 for e in entries]  # type: ignore[index]
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(entries), 3.2))
+        ax.errorbar(range(len(entries)), means, yerr=stds, marker="o", capsize=3)
+        ax.set_xticks(range(len(entries)), [e["row_label"] for e in entries], rotation=30, ha="right",  # type: ignore[index]
+                      fontsize=7)
+        ax.set_ylabel(unit)
+        ax.set_title(f"{claim['id']}: {claim['verdict']}", fontsize=8)
+        fig.tight_layout()
+        path = folder / "figures" / f"{claim['id']}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        figures[claim["id"]] = str(path.relative_to(folder))
+    return figures
+
+
 def write_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
     """One ``bioprop report`` per column over its finished seed-0 runs (the figures compare the rows),
     written to ``<scale dir>/report/<column>/report.html``.
@@ -204,7 +240,7 @@ def write_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
         if finished:
             by_column.setdefault(c["column"], []).append(plan.scale_dir / finished[0]["run_dir"])
             labels[c["column"]] = c["column_label"]
-    reports = {}
+    reports = {f"claim {ident}": path for ident, path in write_claim_figures(table, plan.scale_dir).items()}
     for column, runs in by_column.items():
         path = write_report(runs, plan.scale_dir / "report" / column,
                             title=f"{table['title']}: {labels[column]} ({table['scale']} scale)")
