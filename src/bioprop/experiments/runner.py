@@ -162,18 +162,7 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
     from ..engine.distributed import detect
 
     main = detect().is_main
-    # decided once, before any training, so every torchrun process follows the same plan
-    work = []
-    for cell in plan.cells:
-        if cell.missing or data_missing(cell, plan.data_root):
-            continue
-        for seed in plan.seeds:
-            path = run_dir(plan, cell, seed)
-            state = run_state(path)
-            if state.state in ("done", "diverged"):
-                _check_not_stale(plan, cell, seed, path)
-                continue
-            work.append((cell, seed, state))
+    work = pending_runs(plan, check=True)  # decided once, before any training: every torchrun process agrees
     for i, (cell, seed, state) in enumerate(work, 1):
         config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
                             progress=verbose)
@@ -190,6 +179,27 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
             raise ExperimentError(f"cell {cell.id} seed {seed}: {err.reason}") from None
 
 
+def pending_runs(plan: Plan, check: bool = False) -> list[tuple[Cell, int, RunState]]:
+    """The (cell, seed, state) still to train: runnable cells with data, neither finished nor diverged.
+
+    Args:
+        check: also check that every finished or diverged run was made with the cell's current settings.
+    """
+    work = []
+    for cell in plan.cells:
+        if cell.missing or data_missing(cell, plan.data_root):
+            continue
+        for seed in plan.seeds:
+            path = run_dir(plan, cell, seed)
+            state = run_state(path)
+            if state.state in ("done", "diverged"):
+                if check:
+                    _check_not_stale(plan, cell, seed, path)
+                continue
+            work.append((cell, seed, state))
+    return work
+
+
 def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
     """One ``bioprop train`` command per pending (cell, seed), each with its config written beside its run.
 
@@ -201,22 +211,16 @@ def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
     from ..engine.config import load_toml
 
     commands = []
-    for cell in plan.cells:
-        if cell.missing or data_missing(cell, plan.data_root):
-            continue
-        for seed in plan.seeds:
-            path = run_dir(plan, cell, seed)
-            state = run_state(path)
-            if state.state in ("done", "diverged"):
-                continue
-            config = run_config(plan, cell, seed, progress=False).to_dict()
-            path.mkdir(parents=True, exist_ok=True)
-            toml_path = path / "train.toml"
-            toml_path.write_text(_as_toml(config))
-            if load_toml(toml_path) != config:  # the writer is flat; refuse a config it cannot express
-                raise ExperimentError(f"cell {cell.id}: its config cannot be written as a flat TOML file")
-            resume = " --resume" if state.state == "interrupted" else ""
-            commands.append(f"{program} train --config {shlex.quote(str(toml_path))}{resume}")
+    for cell, seed, state in pending_runs(plan):
+        path = run_dir(plan, cell, seed)
+        config = run_config(plan, cell, seed, progress=False).to_dict()
+        path.mkdir(parents=True, exist_ok=True)
+        toml_path = path / "train.toml"
+        toml_path.write_text(_as_toml(config))
+        if load_toml(toml_path) != config:  # the writer is flat; refuse a config it cannot express
+            raise ExperimentError(f"cell {cell.id}: its config cannot be written as a flat TOML file")
+        resume = " --resume" if state.state == "interrupted" else ""
+        commands.append(f"{program} train --config {shlex.quote(str(toml_path))}{resume}")
     return commands
 
 
