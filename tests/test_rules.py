@@ -196,10 +196,11 @@ def test_brsf_redraws_exactly_once_per_update() -> None:
         first = layer.feedback_magnitude.clone()
 
 
-def test_brsf_sequence_is_reproducible_and_resumable() -> None:
+@pytest.mark.parametrize("rule", ["brsf", "bp_noise"])  # the rules that redraw once per update
+def test_per_update_draw_sequence_is_reproducible_and_resumable(rule: str) -> None:
     def run(steps: int, state: dict | None = None) -> tuple[nn.Module, torch.optim.Optimizer]:
         torch.manual_seed(0)
-        net = bioprop.convert(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), "brsf", seed=7)
+        net = bioprop.convert(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), rule, seed=7)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         if state is not None:
             net.load_state_dict(state["model"])

@@ -143,29 +143,6 @@ def test_bp_noise_redraws_exactly_once_per_update() -> None:
         first = noise_now
 
 
-def test_bp_noise_sequence_is_reproducible_and_resumable() -> None:
-    def run(steps: int, state: dict | None = None) -> nn.Module:
-        torch.manual_seed(0)
-        net = bioprop.convert(nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)), "bp_noise", seed=7)
-        opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        if state is not None:
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["opt"])
-        for i in range(steps):
-            x = torch.randn(4, 5, generator=torch.Generator().manual_seed(100 + i + (state or {}).get("i", 0)))
-            opt.zero_grad()
-            net(x).pow(2).sum().backward()
-            opt.step()
-        return net, opt  # type: ignore[return-value]
-
-    full, _ = run(6)  # type: ignore[misc]
-    half, opt = run(3)  # type: ignore[misc]
-    state = {"model": copy.deepcopy(half.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "i": 3}
-    resumed, _ = run(3, state)  # type: ignore[misc]
-    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
 def test_options_are_checked() -> None:
     for rule, key, bad in [("bp_noise", "noise", -0.1), ("bp_noise", "noise", "big"), ("bp_noise", "noise", True),
                            ("bp_alignment", "angle", 181.0), ("bp_alignment", "angle", -1)]:
