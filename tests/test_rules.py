@@ -322,3 +322,11 @@ def test_brsf_magnitude_distribution() -> None:
     assert float((oc ** 2).mean()) / s ** 2 == pytest.approx(1.0, rel=0.02)
     second = draw_magnitude_8bit(wc, "xiao2018", g, torch.empty_like(wc))
     assert float(torch.corrcoef(torch.stack([oc.flatten(), second.flatten()]))[0, 1]) < 0.02
+
+
+@pytest.mark.parametrize("rule", ["fa", "usf", "frsf", "dfa"])
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), 0.0, -1.0, True])
+def test_one_scale_validator_rejects_non_finite_and_non_positive_scales(rule, scale):
+    """Layer and direct rules share one validator: inf was accepted by the layer rules and rejected by DFA."""
+    with pytest.raises(ValueError, match=r"scale must be one of .* or a positive float, got"):
+        bioprop.create_rule(rule, scale=scale)

@@ -37,7 +37,7 @@ from .redraw import rebase_redraw_state, redraw_due, sync_redraw_state
 
 __all__ = [
     "Rule", "LayerRule", "DirectRule", "register_rule", "list_rules", "create_rule", "rule_options",
-    "resolve_rule_name", "feedback_scale", "draw_feedback", "draw_magnitude_8bit", "layer_seed", "SCALE_CONVENTIONS",
+    "resolve_rule_name", "check_scale", "feedback_scale", "draw_feedback", "draw_magnitude_8bit", "layer_seed", "SCALE_CONVENTIONS",
     "redraw_due", "sync_redraw_state", "rebase_redraw_state",
 ]
 
@@ -174,12 +174,22 @@ def _load_builtin_rules() -> None:
 # ----------------------------------------------------------------------------------------------- scales
 
 
-def _check_scale(scale: str | float) -> None:
+def check_scale(scale: str | float, conventions: tuple[str, ...] = SCALE_CONVENTIONS) -> None:
+    """The one validator of a feedback ``scale`` option, for layer and direct rules alike.
+
+    Allowed: a name in ``conventions``, or a finite positive int/float (not a bool).
+
+    Raises:
+        ValueError: one line naming the bad value and what is allowed.
+    """
     if isinstance(scale, str):
-        if scale not in SCALE_CONVENTIONS:
-            raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(SCALE_CONVENTIONS)} or a positive float")
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not scale > 0:
-        raise ValueError(f"scale must be one of {', '.join(SCALE_CONVENTIONS)} or a positive float, got {scale!r}")
+        if scale not in conventions:
+            raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(conventions)} or a positive float")
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
+        raise ValueError(f"scale must be one of {', '.join(conventions)} or a positive float, got {scale!r}")
+
+
+_check_scale = check_scale
 
 
 def _check_norm(norm: str | None, allowed: tuple = NORM_MODES[:3]) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ..rules import make_generator
+from ..rules import check_scale, make_generator
 
 if TYPE_CHECKING:  # pragma: no cover
     from .controller import Controller
@@ -37,12 +37,8 @@ DIRECT_SCALES = ("nokland2016", "biotorch")
 
 
 def check_direct_scale(scale: str | float) -> None:
-    """Raise ValueError unless ``scale`` is a known convention or a positive float."""
-    if isinstance(scale, str):
-        if scale not in DIRECT_SCALES:
-            raise ValueError(f"unknown scale {scale!r}; allowed: {', '.join(DIRECT_SCALES)} or a positive float")
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be one of {', '.join(DIRECT_SCALES)} or a positive float, got {scale!r}")
+    """Raise ValueError unless ``scale`` is a direct-feedback convention or a finite positive float."""
+    check_scale(scale, DIRECT_SCALES)
 
 
 def direct_scale(n_out: int, n_units: int, scale: str | float) -> float:
