@@ -33,7 +33,8 @@ from torch import nn
 
 from .controller import find_controllers
 from .marker import DIRECT_SCALES, DirectFeedback, direct_scale, draw_direct_feedback
-from .rules import DenseFeedbackAlignment, DirectFeedbackAlignment, IndirectFeedbackAlignment, remove_direct_feedback
+from .rules import (DenseFeedbackAlignment, DirectFeedbackAlignment, IndirectFeedbackAlignment, initialize,
+                    redraw_direct_feedback, remove_direct_feedback)
 
 __all__ = [
     "DirectFeedback", "DirectFeedbackAlignment", "IndirectFeedbackAlignment", "DenseFeedbackAlignment",
@@ -77,36 +78,3 @@ def markers(model: nn.Module) -> dict[str, DirectFeedback]:
     for controller in find_controllers(model):
         found.update(controller.markers)
     return found
-
-
-def initialize(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    """Draw every ``D`` of ``model`` now by running ``model(*args, **kwargs)`` once with gradients on, in eval
-    mode (so BN statistics and dropout are untouched). Useful before saving a checkpoint or wrapping in DDP;
-    training draws the same ``D`` on its first step anyway. Returns the model.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
-    return model
-
-
-
-@torch.no_grad()
-def redraw_direct_feedback(model: nn.Module) -> nn.Module:
-    """Draw every ``D`` of ``model`` that has been drawn again, in place, from the conversion seed and the
-    marker's name (the values the first training forward pass drew). Used by :func:`bioprop.reset_feedback`.
-    Returns the model."""
-    for controller in find_controllers(model):
-        controller._stacked = None  # a cache of the stacked D's
-        for _, marker in controller.markers:
-            d = marker.feedback_matrix
-            if d is None or d.is_meta:
-                continue
-            fresh = draw_direct_feedback(d.shape[0], d.shape[1], controller.rule.scale,  # type: ignore[attr-defined]
-                                         controller.seed, marker.feedback_name)
-            d.copy_(fresh)
-    return model

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..rules import DirectRule
+from ..rules import MODEL_RULE_ATTR, DirectRule
 from .marker import DirectFeedback, draw_direct_feedback
 from .projection import DenseProjection, DirectProjection, IndirectProjection, Plan
 
 __all__ = ["Controller", "CONTROLLER_ATTR", "STASH_ATTR", "config_key", "find_controllers"]
 
-CONTROLLER_ATTR = "_bioprop_direct"
+CONTROLLER_ATTR = MODEL_RULE_ATTR  # the root's plain attribute holding its controller
 STASH_ATTR = "_bioprop_direct_stash"
 
 
@@ -129,7 +129,7 @@ class Controller:
         self.auto = auto
         self.batch_dims: int = rule.batch_dims  # type: ignore[attr-defined]
         self.graph: str = rule.graph  # type: ignore[attr-defined]
-        self.indirect = self.graph == "indirect"
+        self.indirect = rule.indirect
         self.exact = False
         self.stack: list[_Record] = []
         self._stacked: tuple[tuple, Tensor] | None = None
@@ -175,6 +175,17 @@ class Controller:
         self.stack.clear()
         self._stacked = None
         root.__dict__.pop(CONTROLLER_ATTR, None)
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Draw every ``D`` drawn so far again, in place, from the conversion seed and the marker's name."""
+        self._stacked = None  # a cache of the stacked D's
+        for _, marker in self.markers:
+            d = marker.feedback_matrix
+            if d is None or d.is_meta:
+                continue
+            d.copy_(draw_direct_feedback(d.shape[0], d.shape[1], self.rule.scale,  # type: ignore[attr-defined]
+                                         self.seed, marker.feedback_name))
 
     # -------------------------------------------------------------------------------------------- forward
 

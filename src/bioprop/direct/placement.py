@@ -23,8 +23,8 @@ from typing import Iterator, Sequence
 
 from torch import nn
 
-from ..convert import is_excluded
 from ..layers import FEEDBACK_TYPES
+from ..selection import is_excluded
 from .marker import DirectFeedback
 
 __all__ = ["Placement", "auto_placements", "explicit_markers", "FORWARD_TYPES", "is_excluded"]  # is_excluded: re-export
