@@ -69,6 +69,7 @@ class _DirectBase(DirectRule):
         previous = {name: marker for name, marker in stash.markers} if same else {}  # type: ignore[union-attr]
         markers: list[tuple[str, DirectFeedback]] = []
         auto: list[tuple[nn.Module, DirectFeedback]] = []
+        entries: list[nn.Module | None] = []
         for placement in placements:
             if placement.leaf is None:  # written into the model
                 marker = model.get_submodule(placement.name)
@@ -79,11 +80,11 @@ class _DirectBase(DirectRule):
                 if marker is None:
                     marker = DirectFeedback(entry=placement.entry_name)
                 auto.append((placement.leaf, marker))  # type: ignore[arg-type]
-            marker.__dict__["_entry_module"] = placement.entry
             markers.append((placement.name, marker))
+            entries.append(placement.entry)
             summary.converted.append((placement.name, "DirectFeedback, block: " + ", ".join(placement.block),
                                       self.name))
-        controller = Controller(self, seed, exclude, markers, auto)
+        controller = Controller(self, seed, exclude, markers, auto, entries)
         controller.attach(model)
         if self.zero_init and not same:
             _zero_init(model)

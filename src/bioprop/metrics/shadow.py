@@ -158,7 +158,7 @@ class _MarkerState:
 
     def restore(self) -> None:
         for marker, signal, undrawn in self.saved:
-            marker.__dict__["last_signal"] = signal
+            marker.last_signal = signal
             if undrawn:
                 marker.feedback_matrix = None
 
