@@ -2,9 +2,10 @@
 alignment."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import torch
 from torch import nn
@@ -14,11 +15,10 @@ from ..layers import FeedbackLayer
 from ..rules import DirectRule, register_rule
 from ..selection import ConversionSummary, is_excluded, set_conversion_summary
 from .controller import CONTROLLER_ATTR, STASH_ATTR, Controller, config_key, find_controllers
-from .marker import DirectFeedback, check_direct_scale
-from .placement import FORWARD_TYPES, Placement, auto_placements, explicit_markers
+from .marker import FORWARD_TYPES, DirectFeedback, Placement, auto_placements, check_direct_scale, explicit_markers
 
 __all__ = ["DirectFeedbackAlignment", "IndirectFeedbackAlignment", "DenseFeedbackAlignment", "remove_direct_feedback",
-           "initialize", "redraw_direct_feedback"]
+           "initialize", "redraw_direct_feedback", "exact_gradients", "markers"]
 
 #: activations whose derivative at 0 is 0: a zero start leaves such a net with no signal at all
 _DEAD_AT_ZERO = (nn.ReLU, nn.ReLU6)
@@ -260,3 +260,39 @@ def redraw_direct_feedback(model: nn.Module) -> nn.Module:
     for controller in find_controllers(model):
         controller.redraw()
     return model
+
+
+@contextlib.contextmanager
+def exact_gradients(model: nn.Module) -> Iterator[None]:
+    """Within this context the markers of ``model`` pass gradients straight through: plain backprop through the
+    whole model (only the markers are affected; per-layer rules keep their B). Markers with ``record`` set keep
+    the backprop error at their place in ``last_signal``. A model without markers is left as it is.
+
+    Examples::
+
+        >>> import torch, bioprop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> net = bioprop.convert(net, "dfa", seed=0)
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> with bioprop.direct.exact_gradients(net):
+        ...     reference = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
+        >>> len(reference)
+        4
+    """
+    controllers = find_controllers(model)
+    saved = [c.exact for c in controllers]
+    try:
+        for controller in controllers:
+            controller.exact = True
+        yield
+    finally:
+        for controller, value in zip(controllers, saved):
+            controller.exact = value
+
+
+def markers(model: nn.Module) -> dict[str, DirectFeedback]:
+    """``{name: marker}`` for the active markers of ``model`` (placed or written in), in forward order."""
+    found: dict[str, DirectFeedback] = {}
+    for controller in find_controllers(model):
+        found.update(controller.markers)
+    return found
