@@ -157,14 +157,14 @@ class DirectFeedback(nn.Module):
 
         Raises:
             RuntimeError: if ``D`` has not been drawn yet (it is drawn at the first training forward pass, or
-                by :func:`bioprop.direct.initialize`).
+                by :func:`bioprop.prepare`).
         """
         if self.__dict__["role"] == "relay":
             return self.__dict__["_entry_module"].weight.detach().clone()
         if self.feedback_matrix is None:
             raise RuntimeError(f"the feedback matrix of marker {self.__dict__['feedback_name'] or '(unnamed)'!r} "
                                "is drawn at the first training forward pass (its size depends on the model output); "
-                               "run one, or call bioprop.direct.initialize(model, example_input)")
+                               "run one, or call bioprop.prepare(model, example_input)")
         return self.feedback_matrix.detach().clone()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
