@@ -114,3 +114,10 @@ def test_the_engine_runs_the_rules_after_step(tmp_path: Path) -> None:
 
     train(config, on_step=on_step)
     assert counts and [c[0] for c in counts] == [1, 2, 3] and all(len(set(c)) == 1 for c in counts)
+
+
+def test_every_rule_has_a_one_line_description_for_bioprop_list() -> None:
+    described = dict(bioprop.describe_rules())
+    assert list(described) == bioprop.list_rules()
+    for name, text in described.items():
+        assert text and "\n" not in text and len(text) <= 110 and ":math:" not in text, name
