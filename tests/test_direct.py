@@ -492,6 +492,14 @@ def test_backprop_conversion_restores_plain_model_and_copies_work() -> None:
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
         assert all(m.__dict__["_controller"] is clone.__dict__["_bioprop_direct"]
                    for m in direct.markers(clone).values())
+    for clone in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):  # a copy's hooks come off with it
+        bioprop.convert(clone, "backprop")
+        assert list(clone.state_dict()) == list(plain.state_dict())
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in clone.modules())
+        run_step(clone, x, y)
+        run_step(plain, x, y)
+        for a, b in zip(clone.parameters(), plain.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
     bioprop.convert(net, "backprop")
     assert list(net.state_dict()) == list(plain.state_dict())
     run_step(net, x, y)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import bioprop
+import bioprop.models.mlp  # noqa: F401  (bioprop.models.mlp.zero_init_)
 
 
 def _tanh_mlp(seed: int = 0) -> nn.Sequential:

@@ -1,59 +1,27 @@
 """``convert()``: turn any ``nn.Module`` into one that learns with a feedback rule.
 
-Conversion swaps every ``nn.Linear`` and ``nn.Conv{1,2,3}d`` for its feedback counterpart. The new layer
-takes over the old one's attributes as they are (the same ``weight``/``bias`` Parameter objects, hooks,
-training flag), so an optimizer created before conversion keeps working, and adds the rule's state.
-Normalisation, pooling and residual sums are untouched and keep exact backprop inside them.
+:func:`convert` builds the rule and hands the model to the rule's ``apply``: the one entry for every kind of
+rule. For per-layer rules that is the layer swap below, which replaces every ``nn.Linear`` and
+``nn.Conv{1,2,3}d`` by its feedback counterpart. The new layer takes over the old one's attributes as they are
+(the same ``weight``/``bias`` Parameter objects, hooks, training flag), so an optimizer created before
+conversion keeps working, and adds the rule's state. Normalisation, pooling and residual sums are untouched and
+keep exact backprop inside them.
 """
 from __future__ import annotations
 
-import fnmatch
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
 from .layers import FEEDBACK_TYPES, FeedbackLayer, init_feedback_state
-from .rules import DirectRule, LayerRule, create_rule
+from .rules import LayerRule, create_rule, register_layer_conversion, remove_model_rules, reset_model_rules
+from .selection import (SUPPORTED_NAMES, ConversionSummary, all_names, as_exclude_list, conversion_summary,
+                        is_excluded, native_type, output_layer_names, scan, set_conversion_summary)
 
-__all__ = ["convert", "feedback_weights", "conversion_summary", "ConversionSummary", "reset_feedback"]
-
-#: layers whose backward is exact by design (no weight is transported through them to the input)
-EXACT_BY_DESIGN: tuple[type[nn.Module], ...] = (
-    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.Embedding,
-    nn.EmbeddingBag, nn.PReLU,
-) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-#: modules that read their own sub-layers' weights directly, so swapping those sub-layers would change nothing
-READS_WEIGHTS_DIRECTLY: tuple[type[nn.Module], ...] = (nn.MultiheadAttention,)
-
-SUPPORTED_NAMES = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d"
-
-
-@dataclass
-class ConversionSummary:
-    """What :func:`convert` did: the layers converted and the parametrised layers left exact, with why."""
-
-    rule: str
-    options: dict[str, Any]
-    seed: int
-    converted: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, rule)
-    kept: list[tuple[str, str, str]] = field(default_factory=list)  # (name, type, reason)
-    #: {name in ``converted``: the other names the same module object is registered under}
-    aliases: dict[str, list[str]] = field(default_factory=dict)
-
-    def __str__(self) -> str:
-        lines = [f"bioprop.convert: rule={self.rule!r} seed={self.seed} options={self.options}",
-                 f"  converted {len(self.converted)} layer(s):"]
-        lines += [f"    {name or '(root)'}: {kind} -> {rule}"
-                  + (f" (also registered as {', '.join(self.aliases[name])})" if name in self.aliases else "")
-                  for name, kind, rule in self.converted]
-        if self.kept:
-            lines.append(f"  left with exact backprop ({len(self.kept)}):")
-            lines += [f"    {name or '(root)'}: {kind} ({reason})" for name, kind, reason in self.kept]
-        return "\n".join(lines)
+__all__ = ["convert", "feedback_weights", "conversion_summary", "ConversionSummary", "reset_feedback",
+           "is_excluded"]
 
 
 def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str | type] | str | type = (),
@@ -88,53 +56,11 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
             direct rule on a model that refuses it (its ``direct_feedback_refusal`` attribute says why).
     """
     policy = create_rule(rule, **options)
-    exclude_list = _as_list(exclude)
-    if last_layer is not None:
-        last_policy = create_rule(last_layer)
-        if not isinstance(last_policy, LayerRule):
-            raise ValueError(f"last_layer must be a per-layer rule such as 'backprop', got {last_layer!r}")
-    from .direct import remove_direct_feedback  # local: direct imports this module's helpers
-    model = remove_direct_feedback(model)
-    if isinstance(policy, DirectRule):
-        refusal = getattr(model, "direct_feedback_refusal", None)
-        if refusal:
-            raise ValueError(f"rule {policy.name!r} is not defined for {type(model).__name__}: {refusal}")
-        model = policy.apply(model, seed=seed, exclude=tuple(exclude_list), last_layer=last_layer)
-        return model
-
-    summary = ConversionSummary(policy.name, policy.options(), seed)
-    names = _all_names(model)
-    candidates, kept = _scan(model, exclude_list, names)
-    output_names = set(getattr(model, "output_layers", ()) or ([candidates[-1][0]] if candidates else []))
-    unsupported = [(n, k) for n, k, reason in kept if reason.startswith("cannot take feedback")]
-    if unsupported:
-        warnings.warn("bioprop.convert: these layers cannot take feedback and keep exact backprop: "
-                      + "; ".join(f"{n} ({k})" for n, k in unsupported)
-                      + f". Supported layer types: {SUPPORTED_NAMES}.", UserWarning, stacklevel=2)
-    summary.kept.extend(kept)
-    for name, module in candidates:
-        layer_policy = last_policy if (last_layer is not None and name in output_names) else policy
-        new = _convert_layer(module, layer_policy, seed, name)  # type: ignore[arg-type]
-        if new is not module:
-            for alias in names[id(module)]:
-                model = _replace(model, alias, new)
-        summary.converted.append((name, type(module).__name__, layer_policy.name))
-        if len(names[id(module)]) > 1:
-            summary.aliases[name] = [n for n in names[id(module)] if n != name]
-    object.__setattr__(model, "_bioprop_summary", summary)
-    return model
-
-
-def conversion_summary(model: nn.Module) -> ConversionSummary:
-    """The :class:`ConversionSummary` of the last :func:`convert` call on ``model``.
-
-    Raises:
-        ValueError: if ``model`` was never converted.
-    """
-    summary = getattr(model, "_bioprop_summary", None)
-    if summary is None:
-        raise ValueError("this model has not been converted; call bioprop.convert(model, rule) first")
-    return summary
+    exclude_list = as_exclude_list(exclude)
+    if last_layer is not None and not isinstance(create_rule(last_layer), LayerRule):
+        raise ValueError(f"last_layer must be a per-layer rule such as 'backprop', got {last_layer!r}")
+    model = remove_model_rules(model)
+    return policy.apply(model, seed=seed, exclude=tuple(exclude_list), last_layer=last_layer)
 
 
 @torch.no_grad()
@@ -166,94 +92,50 @@ def reset_feedback(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, FeedbackLayer):
             module.reset_feedback()
-    from .direct import redraw_direct_feedback  # local: direct imports this module's helpers
-    redraw_direct_feedback(model)
+    reset_model_rules(model)
     return model
 
 
-# ----------------------------------------------------------------------------------------------- internals
+# ----------------------------------------------------------------------------------------------- the layer swap
 
 
-def _as_list(exclude: Iterable[str | type] | str | type) -> list[str | type]:
-    if isinstance(exclude, (str, type)):
-        return [exclude]
-    items = list(exclude)
-    for item in items:
-        if not isinstance(item, (str, type)):
-            raise ValueError(f"exclude takes layer names, fnmatch patterns or module types, got {item!r}")
-    return items
+def convert_layers(model: nn.Module, policy: LayerRule, *, seed: int, exclude: tuple,
+                   last_layer: str | None) -> nn.Module:
+    """Swap every convertible layer of ``model`` for one with ``policy`` (``last_layer``'s rule for the output
+    layers); what :meth:`bioprop.rules.LayerRule.apply` runs. Returns the model (a new object only when it is a
+    single convertible layer)."""
+    last_policy = create_rule(last_layer) if last_layer is not None else policy
+    summary = ConversionSummary(policy.name, policy.options(), seed)
+    names = all_names(model)
+    candidates, kept = scan(model, list(exclude), names)
+    output_names = output_layer_names(model, candidates)
+    unsupported = [(n, k) for n, k, reason in kept if reason.startswith("cannot take feedback")]
+    if unsupported:
+        warnings.warn("bioprop.convert: these layers cannot take feedback and keep exact backprop: "
+                      + "; ".join(f"{n} ({k})" for n, k in unsupported)
+                      + f". Supported layer types: {SUPPORTED_NAMES}.", UserWarning, stacklevel=4)
+    summary.kept.extend(kept)
+    for name, module in candidates:
+        layer_policy = last_policy if name in output_names else policy
+        new = _convert_layer(module, layer_policy, seed, name)  # type: ignore[arg-type]
+        if new is not module:
+            for alias in names[id(module)]:
+                model = _replace(model, alias, new)
+        summary.converted.append((name, type(module).__name__, layer_policy.name))
+        if len(names[id(module)]) > 1:
+            summary.aliases[name] = [n for n in names[id(module)] if n != name]
+    set_conversion_summary(model, summary)
+    return model
 
 
-def is_excluded(name: str, module: nn.Module, exclude: Sequence[str | type]) -> bool:
-    """Whether ``exclude`` (names, ``fnmatch`` patterns, container prefixes or module types) names this module."""
-    for item in exclude:
-        if isinstance(item, type):
-            if isinstance(module, item):
-                return True
-        elif name == item or fnmatch.fnmatchcase(name, item) or name.startswith(item + "."):
-            return True
-    return False
-
-
-def _all_names(model: nn.Module) -> dict[int, list[str]]:
-    """``{id(module): every name it is registered under}``, first name first (the one ``named_modules`` gives)."""
-    names: dict[int, list[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        names.setdefault(id(module), []).append(name)
-    return names
-
-
-def _scan(model: nn.Module, exclude: Sequence[str | type], names: dict[int, list[str]] | None = None
-          ) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, str, str]]]:
-    """Split the model's parametrised leaf layers into convertible candidates and kept ones (with reasons).
-
-    ``names`` (from :func:`_all_names`) lets an exclusion match any name of a module registered twice."""
-    candidates: list[tuple[str, nn.Module]] = []
-    kept: list[tuple[str, str, str]] = []
-    skip_prefixes: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip_prefixes):
-            continue
-        kind = type(module).__name__
-        is_candidate = type(module) in FEEDBACK_TYPES or isinstance(module, FeedbackLayer)
-        if isinstance(module, READS_WEIGHTS_DIRECTLY):
-            kept.append((name, kind, "cannot take feedback: reads its projection weights directly"))
-            skip_prefixes.append(name + "." if name else "")
-            continue
-        has_params = any(True for _ in module.parameters(recurse=False))
-        if any(is_excluded(n, module, exclude) for n in (names or {}).get(id(module), [name])):
-            if is_candidate or has_params:
-                kept.append((name, kind, "excluded"))
-            if is_candidate or has_params or name:
-                skip_prefixes.append(name + ".")
-            continue
-        if is_candidate:
-            candidates.append((name, module))
-        elif has_params:
-            if isinstance(module, EXACT_BY_DESIGN):
-                kept.append((name, kind, "exact by design"))
-            elif isinstance(module, tuple(FEEDBACK_TYPES)):
-                kept.append((name, kind, f"cannot take feedback: a subclass of {_base_name(module)} with its "
-                                         "own forward; exclude it or convert its parent's layers"))
-            else:
-                kept.append((name, kind, "cannot take feedback: its weights are used by its own forward"))
-    return candidates, kept
-
-
-def _base_name(module: nn.Module) -> str:
-    return next(f"nn.{t.__name__}" for t in FEEDBACK_TYPES if isinstance(module, t))
-
-
-def _native_type(module: nn.Module) -> type[nn.Module]:
-    return next(t for t in FEEDBACK_TYPES if isinstance(module, t))
+register_layer_conversion(convert_layers)
 
 
 def _convert_layer(module: nn.Module, policy: LayerRule, seed: int, name: str) -> nn.Module:
-    native = _native_type(module)
-    if isinstance(module, FeedbackLayer):
-        if module.rule.name == policy.name and module.rule.options() == policy.options():
-            return module  # already converted this way: keep its state
-    target = native if policy.name == "backprop" else FEEDBACK_TYPES[native]
+    native = native_type(module)
+    if isinstance(module, FeedbackLayer) and module.rule == policy:
+        return module  # already converted this way (same rule, same options): keep its state
+    target = native if policy.native else FEEDBACK_TYPES[native]
     new = target.__new__(target)
     # Take over every attribute of the old layer, with fresh containers so the two objects stay independent;
     # the Parameter objects themselves are shared, which keeps optimizer references valid.

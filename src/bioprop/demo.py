@@ -217,7 +217,8 @@ def _result_row(rule: str, summary: dict[str, Any], run_dir: Path) -> dict[str, 
     analysis = _last_analysis(run_dir)
     # W-vs-B angles belong to rules that give each layer its own B (fa, usf, ...). Exact layers (backprop, and
     # the layers DFA trains directly) report W-vs-sign(W) in final.json, which is no alignment of the rule.
-    own_feedback = isinstance(create_rule(rule), LayerRule) and rule not in ("backprop", "sham")
+    policy = create_rule(rule)
+    own_feedback = isinstance(policy, LayerRule) and not policy.is_exact()
     return {"rule": rule, "test_error": summary["final_test_error"], "best_test_error": summary["best_test_error"],
             "alignment_w_b": summary["alignment"] if own_feedback else {},
             "update_vs_backprop": analysis.get("grad_angle", {}),

@@ -7,26 +7,51 @@ therefore moves ``B`` towards (a multiple of) ``W`` using only quantities local 
 
 For a convolution ``y xᵀ`` is the weight-gradient correlation of the noise input with the response, the same
 product a convolution's weight gradient computes.
+
+The ``wm`` rule runs a mirror step after every optimizer step (:func:`bioprop.after_step`); :func:`mirror_step`
+runs one on demand.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .rules import WeightMirror, layer_seed
+from .seeding import derive_seed
 
-__all__ = ["mirror_step"]
+__all__ = ["mirror_step", "mirror_layer", "mirror_seed"]
+
+
+def mirror_seed(seed: int, count: int, name: str) -> int:
+    """The seed of the noise of mirror step ``count`` of the layer ``name``."""
+    return derive_seed(int(seed), "weight_mirror", int(count), name)
 
 
 @torch.no_grad()
-def mirror_step(model: nn.Module, batch_size: int = 64, *, step: int | None = None, seed: int = 0) -> int:
-    """Apply one weight-mirror update to every layer converted with the ``"wm"`` rule.
+def mirror_layer(layer: nn.Module, feedback: Tensor, *, lr: float, decay: float, noise_std: float,
+                 batch_size: int, seed: int, name: str, count: int) -> None:
+    """One mirror step of ``layer``: ``feedback ← (1 − decay)·feedback + lr · y xᵀ / n``, in place.
 
     Args:
-        model: a model converted with ``bioprop.convert(model, "wm")``.
+        layer: an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (converted or not).
+        feedback: its ``B``, shape of ``W``: ``(out, in)`` or ``(C_out, C_in/groups, *kernel)``.
+        batch_size: the number n of noise samples.
+        seed, name, count: fix the noise (:func:`mirror_seed`).
+    """
+    generator = torch.Generator(device=layer.weight.device)
+    generator.manual_seed(mirror_seed(seed, count, name))
+    update = _response_correlation(layer, batch_size, noise_std, generator)
+    feedback.mul_(1.0 - decay).add_(update, alpha=lr)
+
+
+def mirror_step(model: nn.Module, batch_size: int = 64, *, step: int | None = None, seed: int = 0) -> int:
+    """Apply one weight-mirror update to every layer whose rule mirrors (``bioprop.convert(model, "wm")``).
+
+    Args:
+        model: a converted model.
         batch_size: number of noise samples per layer.
         step: index of this mirror step; with ``seed`` it fixes the noise, so every DDP rank draws the same
-            noise and a resumed run repeats it. Defaults to each layer's own mirror-step counter (buffer ``feedback_mirror_steps``).
+            noise and a resumed run repeats it. Defaults to each layer's own mirror-step counter (buffer
+            ``feedback_mirror_steps``).
         seed: seed of the noise.
 
     Returns:
@@ -34,17 +59,10 @@ def mirror_step(model: nn.Module, batch_size: int = 64, *, step: int | None = No
     """
     updated = 0
     for name, layer in model.named_modules():
-        rule = getattr(layer, "rule", None)
-        if not isinstance(rule, WeightMirror):
-            continue
-        count = int(layer.feedback_mirror_steps) if step is None else step
-        generator = torch.Generator(device=layer.weight.device)
-        generator.manual_seed(layer_seed(seed + 1_000_003 * count, name))
-        b = layer.feedback_weight  # (out, in) or (C_out, C_in/groups, *kernel)
-        update = _response_correlation(layer, batch_size, rule.noise_std, generator)
-        b.mul_(1.0 - rule.decay).add_(update, alpha=rule.lr)
-        layer.feedback_mirror_steps.fill_(count + 1)
-        updated += 1
+        mirror = getattr(getattr(layer, "rule", None), "mirror", None)
+        if callable(mirror):
+            mirror(layer, name, batch_size=batch_size, step=step, seed=seed)
+            updated += 1
     return updated
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .rules import BatchRandomSignConcordant, LayerRule, _register, register_rule
+from .rules import LayerRule, RedrawnPerUpdate, register_rule, register_state
 
 __all__ = ["BackpropNoise", "BackpropAlignment", "UNIT_FEEDBACK_ANGLE"]
 
@@ -35,16 +35,16 @@ def _check_number(rule: str, key: str, value: object, low: float, high: float) -
         raise ValueError(f"{rule} option {key} must be {bound}, got {value!r}")
 
 
-@register_rule("bp_noise")
+@register_rule("bp_noise", description="moskovitz2018 BP + Noise: B_t = W_t + fresh Gaussian noise every update")
 @dataclass
-class BackpropNoise(LayerRule):
+class BackpropNoise(RedrawnPerUpdate):
     r"""Backprop through a noisy copy of W (moskovitz2018 "BP + Noise"): :math:`B_t = W_t + \xi_t`.
 
     :math:`\xi_t` has i.i.d. entries :math:`N(0, (\text{noise}\cdot\sigma_W)^2)`, where :math:`\sigma_W` is the
     standard deviation of the entries of ``W_t`` (population std, over the whole tensor), taken when the draw
-    is made. The noise is redrawn once per weight update by brsf's mechanism (the same methods, reused): at the
-    first forward pass with gradients on after ``W`` changed in place; gradient-accumulation passes share one
-    draw, evaluation never draws, and draw ``k`` is a pure function of the layer seed and ``k`` (buffers
+    is made. The noise is redrawn once per weight update by brsf's mechanism
+    (:class:`~bioprop.rules.RedrawnPerUpdate`): at the first forward pass with gradients on after ``W`` changed
+    in place; gradient-accumulation passes share one draw, evaluation never draws, and draw ``k`` is a pure function of the layer seed and ``k`` (buffers
     ``feedback_seed``, ``feedback_draws``, ``feedback_used``; the scaled noise itself is ``feedback_noise``).
 
     For zero-mean W the angle between B and W is about ``atan(noise)``. The default ``noise=0.75`` gives
@@ -63,15 +63,11 @@ class BackpropNoise(LayerRule):
     def __post_init__(self) -> None:
         _check_number("bp_noise", "noise", self.noise, 0.0, math.inf)
 
-    # brsf's once-per-update redraw, reused as it is: one mechanism for every rule that redraws per update.
-    _init_draws = BatchRandomSignConcordant._init_draws
-    _redraw = BatchRandomSignConcordant._redraw
-    before_forward = BatchRandomSignConcordant.before_forward
-    after_load = BatchRandomSignConcordant.after_load
-    before_save = BatchRandomSignConcordant.before_save
+    def is_exact(self) -> bool:
+        return self.noise == 0  # B is W itself
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
-        _register(layer, "feedback_noise", torch.zeros_like(layer.weight.detach()))
+        register_state(layer, "feedback_noise", torch.zeros_like(layer.weight.detach()))
         self._init_draws(layer, generator)
 
     def _draw(self, layer: nn.Module, generator: torch.Generator) -> None:
@@ -92,7 +88,7 @@ class BackpropNoise(LayerRule):
         return torch.add(weight, layer.feedback_noise)
 
 
-@register_rule("bp_alignment")
+@register_rule("bp_alignment", description="moskovitz2018 BP + Alignment: B of W's norm at a fixed angle to W")
 @dataclass
 class BackpropAlignment(LayerRule):
     r"""Feedback held at a fixed angle θ to W (moskovitz2018 "BP + Alignment").
@@ -120,11 +116,14 @@ class BackpropAlignment(LayerRule):
     def __post_init__(self) -> None:
         _check_number("bp_alignment", "angle", self.angle, 0.0, 180.0)
 
+    def is_exact(self) -> bool:
+        return self.angle == 0  # B is W itself
+
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
         weight = layer.weight.detach()
         direction = torch.randn(weight.shape, generator=generator, dtype=torch.float64, device=generator.device)
         direction /= direction.norm().clamp_min(1e-300)
-        _register(layer, "feedback_direction", direction.to(weight.dtype))
+        register_state(layer, "feedback_direction", direction.to(weight.dtype))
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         weight = layer.weight.detach()

@@ -25,15 +25,9 @@ Public helpers:
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
-
-import torch
-from torch import nn
-
-from .controller import find_controllers
 from .marker import DIRECT_SCALES, DirectFeedback, direct_scale, draw_direct_feedback
-from .rules import DenseFeedbackAlignment, DirectFeedbackAlignment, IndirectFeedbackAlignment, remove_direct_feedback
+from .rules import (DenseFeedbackAlignment, DirectFeedbackAlignment, IndirectFeedbackAlignment, exact_gradients,
+                    initialize, markers, redraw_direct_feedback, remove_direct_feedback)
 
 __all__ = [
     "DirectFeedback", "DirectFeedbackAlignment", "IndirectFeedbackAlignment", "DenseFeedbackAlignment",
@@ -41,72 +35,3 @@ __all__ = [
     "exact_gradients", "markers", "initialize", "DIRECT_SCALES", "direct_scale", "draw_direct_feedback",
     "redraw_direct_feedback",
 ]
-
-
-@contextlib.contextmanager
-def exact_gradients(model: nn.Module) -> Iterator[None]:
-    """Within this context the markers of ``model`` pass gradients straight through: plain backprop through the
-    whole model (only the markers are affected; per-layer rules keep their B). Markers with ``record`` set keep
-    the backprop error at their place in ``last_signal``. A model without markers is left as it is.
-
-    Examples::
-
-        >>> import torch, bioprop
-        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        >>> net = bioprop.convert(net, "dfa", seed=0)
-        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
-        >>> with bioprop.direct.exact_gradients(net):
-        ...     reference = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
-        >>> len(reference)
-        4
-    """
-    controllers = find_controllers(model)
-    saved = [c.exact for c in controllers]
-    try:
-        for controller in controllers:
-            controller.exact = True
-        yield
-    finally:
-        for controller, value in zip(controllers, saved):
-            controller.exact = value
-
-
-def markers(model: nn.Module) -> dict[str, DirectFeedback]:
-    """``{name: marker}`` for the active markers of ``model`` (placed or written in), in forward order."""
-    found: dict[str, DirectFeedback] = {}
-    for controller in find_controllers(model):
-        found.update(controller.markers)
-    return found
-
-
-def initialize(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
-    """Draw every ``D`` of ``model`` now by running ``model(*args, **kwargs)`` once with gradients on, in eval
-    mode (so BN statistics and dropout are untouched). Useful before saving a checkpoint or wrapping in DDP;
-    training draws the same ``D`` on its first step anyway. Returns the model.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            model(*args, **kwargs)
-    finally:
-        model.train(was_training)
-    return model
-
-
-
-@torch.no_grad()
-def redraw_direct_feedback(model: nn.Module) -> nn.Module:
-    """Draw every ``D`` of ``model`` that has been drawn again, in place, from the conversion seed and the
-    marker's name (the values the first training forward pass drew). Used by :func:`bioprop.reset_feedback`.
-    Returns the model."""
-    for controller in find_controllers(model):
-        controller._stacked = None  # a cache of the stacked D's
-        for _, marker in controller.markers:
-            d = marker.feedback_matrix
-            if d is None or d.is_meta:
-                continue
-            fresh = draw_direct_feedback(d.shape[0], d.shape[1], controller.rule.scale,  # type: ignore[attr-defined]
-                                         controller.seed, marker.feedback_name)
-            d.copy_(fresh)
-    return model

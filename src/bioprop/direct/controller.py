@@ -15,19 +15,20 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
-from ..rules import DirectRule
+from ..rules import MODEL_RULE_ATTR, DirectRule
 from .marker import DirectFeedback, draw_direct_feedback
 from .projection import DenseProjection, DirectProjection, IndirectProjection, Plan
 
 __all__ = ["Controller", "CONTROLLER_ATTR", "STASH_ATTR", "config_key", "find_controllers"]
 
-CONTROLLER_ATTR = "_bioprop_direct"
+CONTROLLER_ATTR = MODEL_RULE_ATTR  # the root's plain attribute holding its controller
 STASH_ATTR = "_bioprop_direct_stash"
 
 
@@ -118,18 +119,25 @@ class Controller:
         exclude: the ``exclude`` argument of the conversion (part of the configuration key).
         markers: ``(name, marker)`` of the active markers, in forward order.
         auto: ``(leaf module, marker)`` for markers placed by convert (hooked on the leaf).
+        entries: the first layer of each marker's block (None where there is none), in the order of ``markers``.
+
+    The controller alone writes the markers' run-time state (:meth:`attach`, :meth:`detach`): its name, its role,
+    its block's first layer and the controller itself. It keeps the handles of every hook it installs and
+    removes exactly those.
     """
 
     def __init__(self, rule: DirectRule, seed: int, exclude: tuple, markers: list[tuple[str, DirectFeedback]],
-                 auto: list[tuple[nn.Module, DirectFeedback]]) -> None:
+                 auto: list[tuple[nn.Module, DirectFeedback]], entries: list[nn.Module | None]) -> None:
         self.rule = rule
         self.seed = seed
         self.config = config_key(rule, seed, exclude)
         self.markers = markers
         self.auto = auto
+        self.entries = entries
+        self._handles: list[RemovableHandle] = []
         self.batch_dims: int = rule.batch_dims  # type: ignore[attr-defined]
         self.graph: str = rule.graph  # type: ignore[attr-defined]
-        self.indirect = self.graph == "indirect"
+        self.indirect = rule.indirect
         self.exact = False
         self.stack: list[_Record] = []
         self._stacked: tuple[tuple, Tensor] | None = None
@@ -148,33 +156,44 @@ class Controller:
 
     def attach(self, root: nn.Module) -> None:
         """Install the hooks and point the markers at this controller."""
-        for index, (name, marker) in enumerate(self.markers):
-            marker.__dict__["_controller"] = self
-            marker.__dict__["feedback_name"] = name
-            marker.__dict__["role"] = "relay" if self.indirect and index > 0 else "direct"
+        for index, ((name, marker), entry) in enumerate(zip(self.markers, self.entries)):
+            # plain attributes, not submodules: the marker's run-time state, written only here and in detach
+            marker.__dict__.update(_controller=self, feedback_name=name, _entry_module=entry,
+                                   role="relay" if self.indirect and index > 0 else "direct")
+        handles = self._handles
         for leaf, marker in self.auto:
             leaf.add_module(AUTO_CHILD, marker)
-            leaf.register_forward_hook(_MarkerHook(marker))
+            handles.append(leaf.register_forward_hook(_MarkerHook(marker)))
         if self.graph != "direct":  # the error of each block is read at its first layer's output
-            for _, marker in self.markers:
-                marker.__dict__["_entry_module"].register_forward_hook(_EntryHook(self))
-        root.register_forward_pre_hook(_RootPreHook(self))
-        root.register_forward_hook(_RootPostHook(self), always_call=True)
+            handles += [entry.register_forward_hook(_EntryHook(self)) for entry in self.entries]  # type: ignore[union-attr]
+        handles.append(root.register_forward_pre_hook(_RootPreHook(self)))
+        handles.append(root.register_forward_hook(_RootPostHook(self), always_call=True))
         root.__dict__[CONTROLLER_ATTR] = self
 
     def detach(self, root: nn.Module) -> None:
         """Remove the hooks and the placed markers; markers written into the model become the identity."""
-        for module in root.modules():
-            _remove_hooks(module, self)
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         for leaf, marker in self.auto:
             if leaf._modules.get(AUTO_CHILD) is marker:
                 del leaf._modules[AUTO_CHILD]
         for _, marker in self.markers:
-            marker.__dict__["_controller"] = None
-            marker.last_signal = None
+            marker.__dict__.update(_controller=None, last_signal=None)
         self.stack.clear()
         self._stacked = None
         root.__dict__.pop(CONTROLLER_ATTR, None)
+
+    @torch.no_grad()
+    def redraw(self) -> None:
+        """Draw every ``D`` drawn so far again, in place, from the conversion seed and the marker's name."""
+        self._stacked = None  # a cache of the stacked D's
+        for _, marker in self.markers:
+            d = marker.feedback_matrix
+            if d is None or d.is_meta:
+                continue
+            d.copy_(draw_direct_feedback(d.shape[0], d.shape[1], self.rule.scale,  # type: ignore[attr-defined]
+                                         self.seed, marker.feedback_name))
 
     # -------------------------------------------------------------------------------------------- forward
 
@@ -269,7 +288,7 @@ class Controller:
         pre_activations: list[Tensor] = []
         relays: list[_Relay | None] = [None]
         for index, (marker, h) in enumerate(zip(markers, hidden)):
-            entry = marker.__dict__["_entry_module"]
+            entry = self.entries[index]
             captured = record.entry_outputs.get(id(entry))
             if captured is None:
                 raise ValueError(f"{self.rule.name}: the first layer of the block marked by {marker.feedback_name!r} "
@@ -294,26 +313,6 @@ class Controller:
 
 #: name of the child module a placed marker takes inside the last module of its block
 AUTO_CHILD = "direct_feedback"
-
-_HOOK_TYPES = (_RootPreHook, _RootPostHook, _MarkerHook, _EntryHook)
-
-
-def _remove_hooks(module: nn.Module, controller: Controller) -> None:
-    """Drop this controller's hooks from ``module`` (found by type, so copies and unpickled models work too)."""
-    markers = {id(m) for _, m in controller.markers}
-    for hooks, extras in ((module._forward_pre_hooks, (module._forward_pre_hooks_with_kwargs,)),
-                          (module._forward_hooks, (module._forward_hooks_with_kwargs,
-                                                   module._forward_hooks_always_called))):
-        for key in [k for k, hook in hooks.items() if _owned(hook, controller, markers)]:
-            del hooks[key]
-            for extra in extras:
-                extra.pop(key, None)
-
-
-def _owned(hook: Callable, controller: Controller, markers: set[int]) -> bool:
-    if isinstance(hook, _MarkerHook):
-        return id(hook.marker) in markers
-    return isinstance(hook, _HOOK_TYPES) and getattr(hook, "controller", None) is controller
 
 
 def find_controllers(model: nn.Module) -> list[Controller]:

@@ -2,20 +2,23 @@
 alignment."""
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Iterator
 
+import torch
 from torch import nn
 
-from ..convert import ConversionSummary
+from ..convert import convert
 from ..layers import FeedbackLayer
 from ..rules import DirectRule, register_rule
-from .controller import CONTROLLER_ATTR, STASH_ATTR, Controller, config_key
-from .marker import DirectFeedback, check_direct_scale
-from .placement import FORWARD_TYPES, Placement, auto_placements, explicit_markers, is_excluded
+from ..selection import ConversionSummary, is_excluded, set_conversion_summary
+from .controller import CONTROLLER_ATTR, STASH_ATTR, Controller, config_key, find_controllers
+from .marker import FORWARD_TYPES, DirectFeedback, Placement, auto_placements, check_direct_scale, explicit_markers
 
-__all__ = ["DirectFeedbackAlignment", "IndirectFeedbackAlignment", "DenseFeedbackAlignment", "remove_direct_feedback"]
+__all__ = ["DirectFeedbackAlignment", "IndirectFeedbackAlignment", "DenseFeedbackAlignment", "remove_direct_feedback",
+           "initialize", "redraw_direct_feedback", "exact_gradients", "markers"]
 
 #: activations whose derivative at 0 is 0: a zero start leaves such a net with no signal at all
 _DEAD_AT_ZERO = (nn.ReLU, nn.ReLU6)
@@ -27,7 +30,6 @@ class _DirectBase(DirectRule):
     zero_init: bool = False
     batch_dims: int = 1
 
-    indirect: ClassVar[bool] = False
     #: where the hidden blocks' signals come from: "direct" (the output error only), "indirect" (ifa: the block
     #: below, forward) or "dense" (the output error and every block above); all but "direct" read each block's
     #: error at its first layer (its entry)
@@ -45,9 +47,13 @@ class _DirectBase(DirectRule):
         """Place (or find) the markers, install the projection and return ``model`` (see :mod:`bioprop.direct`).
 
         Raises:
-            ValueError: ``last_layer`` other than None/``"backprop"``; no marker can be placed; ifa without
-                each block's first layer.
+            ValueError: a model that refuses direct feedback (its ``direct_feedback_refusal`` attribute says why);
+                ``last_layer`` other than None/``"backprop"``; no marker can be placed; ifa without each block's
+                first layer.
         """
+        refusal = getattr(model, "direct_feedback_refusal", None)
+        if refusal:
+            raise ValueError(f"rule {self.name!r} is not defined for {type(model).__name__}: {refusal}")
         if last_layer not in (None, "backprop"):
             raise ValueError(f"{self.name} always trains the output layer with its exact gradient; last_layer may "
                              f"only be None or 'backprop', got {last_layer!r}")
@@ -55,7 +61,6 @@ class _DirectBase(DirectRule):
         placements, output_name = self._placements(model, exclude, summary)  # raises before anything changes
         if any(isinstance(m, FeedbackLayer) for m in model.modules()):
             # inside a block autograd is exact: give the layers back their native op (new objects, so place again)
-            from ..convert import convert
             model = convert(model, "backprop")
             summary = ConversionSummary(self.name, self.options(), seed)
             placements, output_name = self._placements(model, exclude, summary)
@@ -64,6 +69,7 @@ class _DirectBase(DirectRule):
         previous = {name: marker for name, marker in stash.markers} if same else {}  # type: ignore[union-attr]
         markers: list[tuple[str, DirectFeedback]] = []
         auto: list[tuple[nn.Module, DirectFeedback]] = []
+        entries: list[nn.Module | None] = []
         for placement in placements:
             if placement.leaf is None:  # written into the model
                 marker = model.get_submodule(placement.name)
@@ -74,19 +80,33 @@ class _DirectBase(DirectRule):
                 if marker is None:
                     marker = DirectFeedback(entry=placement.entry_name)
                 auto.append((placement.leaf, marker))  # type: ignore[arg-type]
-            marker.__dict__["_entry_module"] = placement.entry
             markers.append((placement.name, marker))
+            entries.append(placement.entry)
             summary.converted.append((placement.name, "DirectFeedback, block: " + ", ".join(placement.block),
                                       self.name))
-        controller = Controller(self, seed, exclude, markers, auto)
+        controller = Controller(self, seed, exclude, markers, auto, entries)
         controller.attach(model)
         if self.zero_init and not same:
             _zero_init(model)
         if output_name is not None:
             summary.kept.append((output_name, type(model.get_submodule(output_name)).__name__,
                                  "output layer: exact gradient"))
-        object.__setattr__(model, "_bioprop_summary", summary)
+        set_conversion_summary(model, summary)
         return model
+
+    def remove(self, root: nn.Module) -> nn.Module:
+        return remove_direct_feedback(root)
+
+    def reset_state(self, root: nn.Module) -> None:
+        controller = root.__dict__.get(CONTROLLER_ATTR)
+        if controller is not None:
+            controller.redraw()
+
+    def prepare(self, model: nn.Module, example_batch: Any) -> None:
+        """Draw every ``D`` not drawn yet by running ``model`` once on ``example_batch`` (:func:`initialize`)."""
+        markers = [m for c in find_controllers(model) for _, m in c.markers]
+        if any(m.feedback_matrix is None for m in markers):
+            initialize(model, *(example_batch if isinstance(example_batch, tuple) else (example_batch,)))
 
     def _placements(self, model: nn.Module, exclude: tuple, summary: ConversionSummary
                     ) -> tuple[list[Placement], str | None]:
@@ -128,7 +148,8 @@ class _DirectBase(DirectRule):
         return placements
 
 
-@register_rule("dfa", aliases=("direct_feedback_alignment",))
+@register_rule("dfa", aliases=("direct_feedback_alignment",),
+               description="direct feedback alignment (nokland2016): each hidden block gets e·D, a fixed random D")
 @dataclass
 class DirectFeedbackAlignment(_DirectBase):
     r"""Direct feedback alignment (nokland2016): every hidden block gets :math:`\delta h_l = e\,D_l`.
@@ -149,7 +170,8 @@ class DirectFeedbackAlignment(_DirectBase):
     """
 
 
-@register_rule("ifa", aliases=("indirect_feedback_alignment",))
+@register_rule("ifa", aliases=("indirect_feedback_alignment",),
+               description="indirect feedback alignment (nokland2016): e·D to the first block, then forward")
 @dataclass
 class IndirectFeedbackAlignment(_DirectBase):
     r"""Indirect feedback alignment (nokland2016): the error reaches the first hidden block directly, the blocks
@@ -165,7 +187,8 @@ class IndirectFeedbackAlignment(_DirectBase):
     graph: ClassVar[str] = "indirect"
 
 
-@register_rule("dense_fa", aliases=("densefa", "dense_feedback_alignment"))
+@register_rule("dense_fa", aliases=("densefa", "dense_feedback_alignment"),
+               description="dense feedback alignment (moskovitz2018): fixed random feedback from every block above")
 @dataclass
 class DenseFeedbackAlignment(_DirectBase):
     r"""Dense feedback alignment (moskovitz2018 "DenseFA", as bioprop reads it): every hidden block gets fixed
@@ -212,3 +235,64 @@ def remove_direct_feedback(model: nn.Module) -> nn.Module:
         controller.detach(model)
         model.__dict__[STASH_ATTR] = controller
     return model
+
+
+def initialize(model: nn.Module, *args: Any, **kwargs: Any) -> nn.Module:
+    """Draw every ``D`` of ``model`` now by running ``model(*args, **kwargs)`` once with gradients on, in eval
+    mode (so BN statistics and dropout are untouched). Useful before saving a checkpoint or wrapping in DDP;
+    training draws the same ``D`` on its first step anyway (:func:`bioprop.prepare` calls it). Returns the model.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def redraw_direct_feedback(model: nn.Module) -> nn.Module:
+    """Draw every ``D`` of ``model`` that has been drawn again, in place, from the conversion seed and the
+    marker's name (the values the first training forward pass drew). Used by :func:`bioprop.reset_feedback`.
+    Returns the model."""
+    for controller in find_controllers(model):
+        controller.redraw()
+    return model
+
+
+@contextlib.contextmanager
+def exact_gradients(model: nn.Module) -> Iterator[None]:
+    """Within this context the markers of ``model`` pass gradients straight through: plain backprop through the
+    whole model (only the markers are affected; per-layer rules keep their B). Markers with ``record`` set keep
+    the backprop error at their place in ``last_signal``. A model without markers is left as it is.
+
+    Examples::
+
+        >>> import torch, bioprop
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        >>> net = bioprop.convert(net, "dfa", seed=0)
+        >>> x, y = torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])
+        >>> with bioprop.direct.exact_gradients(net):
+        ...     reference = torch.autograd.grad(torch.nn.functional.cross_entropy(net(x), y), list(net.parameters()))
+        >>> len(reference)
+        4
+    """
+    controllers = find_controllers(model)
+    saved = [c.exact for c in controllers]
+    try:
+        for controller in controllers:
+            controller.exact = True
+        yield
+    finally:
+        for controller, value in zip(controllers, saved):
+            controller.exact = value
+
+
+def markers(model: nn.Module) -> dict[str, DirectFeedback]:
+    """``{name: marker}`` for the active markers of ``model`` (placed or written in), in forward order."""
+    found: dict[str, DirectFeedback] = {}
+    for controller in find_controllers(model):
+        found.update(controller.markers)
+    return found

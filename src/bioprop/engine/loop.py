@@ -227,10 +227,9 @@ class _Run:
             model.to(device)
             if config.channels_last:
                 model.to(memory_format=torch.channels_last)
-            if bioprop.direct.markers(model):
-                # Direct feedback draws its D matrices on the first forward pass (their size depends on the
-                # output); draw them now, before a checkpoint is loaded and before DDP registers the buffers.
-                bioprop.direct.initialize(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
+            # State that depends on the model's output (direct feedback's D matrices) is drawn now, before a
+            # checkpoint is loaded and before DDP registers the buffers; a no-op for most rules.
+            bioprop.prepare(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
         except ValueError as err:  # a rule that cannot apply to this model or this last_layer
             key = "last_layer" if config.last_layer and "last_layer" in str(err) else "rule"
             raise ConfigError(key, f"rule {config.rule!r} on model {config.model!r}: {err}") from None
@@ -241,9 +240,7 @@ class _Run:
             raise ConfigError("constraints", f"constraints: {err}") from None
         self.optimizer = build_optimizer(config, model)
         self.loss_fn = build_loss(config.loss, num_classes)
-        uses_mirror = any(getattr(getattr(m, "rule", None), "name", "") == "wm" for m in model.modules())
-        from ..mirror import mirror_step
-        self.mirror_step = mirror_step if uses_mirror else None  # weight mirrors learn B between batches
+        self.after_step = bioprop.after_step
 
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.loss_reference: float | None = None  # the first logged training loss (divergence_factor)
@@ -378,8 +375,7 @@ class _Run:
             loss.backward()
             self.optimizer.step()
             apply_constraints(self.constraints)  # sign projections before rescaling, so both hold exactly
-            if self.mirror_step is not None:
-                self.mirror_step(self.model, step=self.step, seed=config.seed)
+            self.after_step(self.model, self.step)  # the rules' per-step work (weight mirrors learn B)
             self.step += 1
             window.add(loss, logits, y)
             if self.step % read_every == 0:

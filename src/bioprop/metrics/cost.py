@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..convert import convert
 from .training import training_metrics
 
 __all__ = ["MetricsCost", "measure_cost", "main"]
@@ -88,8 +89,6 @@ def measure_cost(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tens
 
 def main(argv: list[str] | None = None) -> None:
     """Measure the metrics cost on an MLP for a few rules and print a Markdown table."""
-    from ..convert import convert  # local: the package imports metrics at load time
-
     parser = argparse.ArgumentParser(prog="python -m bioprop.metrics.cost", description=__doc__.splitlines()[0])
     parser.add_argument("--rules", nargs="+", default=["backprop", "fa", "usf", "brsf"])
     parser.add_argument("--width", type=int, default=800)

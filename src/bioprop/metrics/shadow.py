@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from ..direct import exact_gradients, markers
 from ..layers import FeedbackLayer
 from ..rules import LayerRule, create_rule
 from .weights import angle, layer_feedback, model_weight_layers, unwrap_model
@@ -63,14 +64,12 @@ class ShadowResult:
 
 def direct_markers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, marker)`` for every active direct-feedback marker of ``model`` (dfa/ifa), in forward order."""
-    from ..direct import markers  # local: bioprop.direct imports the rules at package load
     return list(markers(unwrap_model(model)).items())
 
 
 def _is_exact(layer: nn.Module) -> bool:
-    feedback = layer_feedback(layer)
-    # sham returns W itself (detached, same storage): exact as well
-    return feedback is None or feedback.data_ptr() == layer.weight.data_ptr()
+    """Whether ``layer`` sends its error through W itself (a native layer, or a rule that declares it exact)."""
+    return not isinstance(layer, FeedbackLayer) or layer.rule.is_exact()
 
 
 def topmost_feedback_layer(model: nn.Module) -> str | None:
@@ -89,6 +88,9 @@ class _FrozenRule(LayerRule):
         self.base = base
         self.name = base.name  # type: ignore[misc]
         self.learns_feedback = base.learns_feedback  # type: ignore[misc]
+
+    def is_exact(self) -> bool:
+        return self.base.is_exact()
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         return self.base.feedback_weight(layer)
@@ -156,14 +158,9 @@ class _MarkerState:
 
     def restore(self) -> None:
         for marker, signal, undrawn in self.saved:
-            marker.__dict__["last_signal"] = signal
+            marker.last_signal = signal
             if undrawn:
                 marker.feedback_matrix = None
-
-
-def _exact_direct(model: nn.Module) -> contextlib.AbstractContextManager:
-    from ..direct import exact_gradients
-    return exact_gradients(model)
 
 
 def _one_pass(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, weights: dict[str, Tensor],
@@ -249,7 +246,7 @@ def shadow_backward(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> 
                 model, x, y, loss_fn, weights, markers, top)
         buffers.restore()
         rng.restore()  # the exact pass draws the same dropout masks
-        exact_direct = _exact_direct(model) if markers else contextlib.nullcontext()
+        exact_direct = exact_gradients(model) if markers else contextlib.nullcontext()
         with _rules_replaced(feedback_layers, lambda rule: create_rule("sham")), exact_direct:
             result.exact_grads, result.exact_signals, _, _, _ = _one_pass(model, x, y, loss_fn, weights, markers,
                                                                           None)
