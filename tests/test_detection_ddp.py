@@ -46,7 +46,8 @@ def _worker(rank: int, world_size: int, port: int, config: dict) -> None:
 
 def test_two_processes_report_the_ap_of_the_whole_split(tmp_path):
     import bioprop
-    from bioprop.detection import DetectionLoader, evaluate_detector, load_detection
+    from bioprop.detection import DetectionLoader, load_detection
+    from bioprop.detection.evaluation import coco_ap, to_coco_results
     from bioprop.models import create_model
 
     write_tiny_coco(tmp_path / "coco", "train2017", n_images=4)
@@ -63,7 +64,18 @@ def test_two_processes_report_the_ap_of_the_whole_split(tmp_path):
     model = bioprop.convert(model, "fa")
     model.load_state_dict(load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")["model"])
     test = load_detection("coco", "test", tmp_path / "coco")
-    scores = evaluate_detector(model, DetectionLoader(test, 8, train=False, min_size=64, max_size=96))
+    # The reference: each rank's shard detected in this one process, batched as the engine batches it (8 per
+    # rank; the images differ in size, so the padding of a batch changes the features), scored together.
+    model.eval()
+    results: list = []
+    for rank in range(2):
+        shard = DetectionLoader(test, 8, train=False, min_size=64, max_size=96, rank=rank, world_size=2)
+        for batch in shard:
+            with torch.no_grad():
+                found = model.detect(model(batch.images), tuple(batch.images.shape[-2:]), batch.image_sizes)
+            results += to_coco_results(found, batch.scales, batch.image_ids, test.category_ids)
+    scores = coco_ap(test.coco, results)
+    scores.update(detections=len(results), images_detected=len({r["image_id"] for r in results}))
     records = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     reported = next(r for r in records if r["kind"] == "epoch")
     assert reported["test_images_detected"] == scores["images_detected"] == 5  # rank 0 holds 3, rank 1 holds 2
