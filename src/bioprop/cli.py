@@ -5,7 +5,7 @@
     bioprop demo                                   # MNIST: BP, FA, uSF and DFA side by side, with a report
     bioprop train --dataset mnist --rule usf --epochs 20 --set model_args.width=800
     bioprop train --config run.toml --set rule_options.scale=biotorch --resume
-    bioprop list rules | models | datasets | constraints | experiments
+    bioprop list rules | models | datasets | constraints | optimizers | schedules | losses | tasks | experiments
     bioprop reproduce biotorch --scale quick --only 'mnist/*' --seeds 3
     bioprop data get mnist ; bioprop data list
     bioprop report runs/a runs/b --output-dir results/ab
@@ -39,6 +39,10 @@ TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--output-dir", "output_dir", str, "run directory; default runs/<dataset>-<model>-<rule>-s<seed>[-HASH]"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N; default auto"),
 ]
+
+
+#: what ``bioprop list`` can show
+LISTS = ("rules", "models", "datasets", "constraints", "optimizers", "schedules", "losses", "tasks", "experiments")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,10 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config as TOML and exit without training")
 
-    lister = sub.add_parser("list", help="list the registered rules, models, data sets or constraints",
-                            description="List what can be named in a config.")
-    lister.add_argument("what", choices=("rules", "models", "datasets", "constraints", "experiments"),
-                        help="which registry to list")
+    lister = sub.add_parser("list", help="list the registered rules, models, data sets, constraints, ...",
+                            description="List what can be named in a config, one name and description a line.")
+    lister.add_argument("what", choices=LISTS, help="which registry to list")
 
     data = sub.add_parser("data", help="fetch data sets or show which are present",
                           description="Data sets live in --root, else $BIOPROP_DATA, else ~/.cache/bioprop.")
@@ -219,28 +222,39 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    if args.what == "rules":
-        from .rules import _RULES, list_rules, rule_options
-        for name in list_rules():
-            doc = (_RULES[name].__doc__ or "").strip().splitlines()[0]
-            options = ", ".join(f"{k}={v!r}" for k, v in rule_options(name).items())
-            print(f"{name:<20} {doc}" + (f"  [options: {options}]" if options else ""))
-    elif args.what == "models":
-        from .models import list_models
-        for name in list_models():
-            print(name)
-    elif args.what == "datasets":
-        from .data import list_datasets
-        for name in list_datasets():
-            print(name)
-    elif args.what == "experiments":
+    if args.what == "experiments":
         from .experiments.cli import list_lines
         print("\n".join(list_lines()))
-    else:
-        from .optim import list_constraints
-        for name in list_constraints():
-            print(name)
+        return 0
+    for name, description, options in _registry_lines(args.what):
+        listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        print(f"{name:<20} {description}" + (f"  [options: {listed}]" if listed else ""))
     return 0
+
+
+def _registry_lines(what: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(name, one-line description, options shown)`` of every entry of the registry ``what`` names."""
+    if what == "rules":
+        from . import create_rule, list_rules, rule_options
+        return [(name, _first_line(type(create_rule(name)).__doc__), rule_options(name)) for name in list_rules()]
+    if what == "models":
+        from .models import describe_models
+        return [(name, description, {}) for name, description in describe_models()]
+    if what == "datasets":
+        from .data import describe_datasets
+        return [(name, description, {}) for name, description in describe_datasets()]
+    if what == "constraints":
+        from .optim import describe_constraints
+        return [(name, description, {}) for name, description in describe_constraints()]
+    from . import engine
+    registry = {"optimizers": engine.OPTIMIZERS, "schedules": engine.SCHEDULES, "losses": engine.LOSSES,
+                "tasks": engine.TASKS}[what]
+    return [(name, description, {}) for name, description in registry.describe()]
+
+
+def _first_line(doc: str | None) -> str:
+    text = (doc or "").strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _cmd_data(args: argparse.Namespace) -> int:

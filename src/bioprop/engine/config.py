@@ -21,15 +21,11 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["TrainConfig", "ConfigError", "config_from_dict", "load_toml", "parse_override", "apply_override",
-           "OPTIMIZERS", "SCHEDULES", "LOSSES", "DEFAULT_MOMENTUM"]
+           "OPTIMIZERS", "SCHEDULES", "LOSSES", "TASKS", "DEFAULT_MOMENTUM"]
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "bm")
-#: ``momentum`` when the config leaves it unset: plain RMSprop (nokland2016's optimizer) has none; adam/adamw
-#: ignore the key (they use their betas), so it keeps the value older runs stored for it
-DEFAULT_MOMENTUM = {"sgd": 0.9, "bm": 0.9, "rmsprop": 0.0, "adam": 0.9, "adamw": 0.9}
-SCHEDULES = ("none", "step", "multistep", "cosine", "halve_on_plateau")
-LOSSES = ("ce", "bce")
-TASKS = ("classification", "detection")
+from ..registry import Registry
+from .build import DEFAULT_MOMENTUM, LOSSES, OPTIMIZERS, SCHEDULES
+from .tasks import TASKS
 
 
 @dataclass
@@ -208,9 +204,14 @@ def check_values(config: TrainConfig) -> None:
     """
     from ..rules import create_rule, resolve_rule_name
 
-    def choice(key: str, allowed: tuple[str, ...] | list[str]) -> None:
+    def choice(key: str, allowed: tuple[str, ...] | Registry) -> None:
         value = getattr(config, key)
-        if value not in allowed:
+        if isinstance(allowed, Registry):  # the registry's canonical name, or its one-line unknown-name error
+            try:
+                setattr(config, key, allowed.resolve(value))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(key, str(err)) from None
+        elif value not in allowed:
             raise ConfigError(key, f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
 
     def positive(key: str, zero_ok: bool = False) -> None:
@@ -274,17 +275,12 @@ def check_values(config: TrainConfig) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard", "tensorboard = true needs the tensorboard package: pip install "
                                              "tensorboard")
-    detection = config.task == "detection"
-    _check_registry("dataset", config.dataset, "bioprop.detection" if detection else "bioprop.data",
-                    "list_datasets", config.task)
-    _check_registry("model", config.model, "bioprop.models", "list_models", config.task, task_arg=True)
+    task = TASKS.create(config.task)
+    _check_name("dataset", config.dataset, task.dataset_names(), config.task)
+    _check_name("model", config.model, task.model_names(), config.task)
 
 
-def _check_registry(key: str, value: str, module: str, lister: str, task: str = "classification",
-                    task_arg: bool = False) -> None:
-    import importlib
-    list_names = getattr(importlib.import_module(module), lister)
-    names = list_names(task) if task_arg else list_names()
+def _check_name(key: str, value: str, names: list[str], task: str) -> None:
     if value not in names:
         what = f"{task} {key}" if task != "classification" else key
         raise ConfigError(key, f"unknown {what} {value!r}; allowed: {', '.join(names)}")

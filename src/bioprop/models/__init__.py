@@ -21,9 +21,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from ..registry import Registry
+
 __all__ = [
     "register_model", "list_models", "create_model", "model_info", "ModelInfo", "count_parameters", "model_table",
-    "TABLE_ROWS",
+    "TABLE_ROWS", "MODELS", "describe_models",
 ]
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -42,6 +44,7 @@ class ModelInfo:
         min_image_size: the smallest square input the architecture accepts.
         options: the builder's own keyword options with their defaults.
         task: ``"classification"`` (images -> logits) or ``"detection"`` (see :mod:`bioprop.models.detection`).
+        description: one line, the first of the builder's docstring (``bioprop list models``).
     """
 
     name: str
@@ -53,9 +56,11 @@ class ModelInfo:
     min_image_size: int
     options: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"
+    description: str = ""
 
 
-_MODELS: dict[str, ModelInfo] = {}
+#: every model by name; an entry's object is its :class:`ModelInfo` and its ``task`` is kept as meta
+MODELS: Registry[ModelInfo] = Registry("model")
 
 
 def register_model(name: str, *, paper: str = "", num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
@@ -73,14 +78,16 @@ def register_model(name: str, *, paper: str = "", num_classes: int = 10, in_chan
         ValueError: the name is already registered, or the builder lacks the three base arguments.
     """
     def decorator(fn: F) -> F:
-        if name in _MODELS:
+        if name in MODELS:
             raise ValueError(f"model name {name!r} is already registered")
         params = inspect.signature(fn).parameters
         if tuple(params)[:3] != _BASE_ARGS:
             raise ValueError(f"builder {fn.__name__} must start with ({', '.join(_BASE_ARGS)})")
         options = {k: p.default for k, p in params.items() if k not in _BASE_ARGS}
-        _MODELS[name] = ModelInfo(name, fn, paper, num_classes, in_channels, image_size, min_image_size, options,
-                                  task)
+        doc = (inspect.getdoc(fn) or "").strip()
+        description = doc.splitlines()[0].replace("``", "") if doc else paper
+        MODELS.add(name, ModelInfo(name, fn, paper, num_classes, in_channels, image_size, min_image_size, options,
+                                   task, description), description=description, options=options, task=task)
         return fn
     return decorator
 
@@ -88,7 +95,12 @@ def register_model(name: str, *, paper: str = "", num_classes: int = 10, in_chan
 def list_models(task: str = "classification") -> list[str]:
     """Names of the registered models of ``task`` (``"classification"`` or ``"detection"``), in registration
     order."""
-    return [name for name, info in _MODELS.items() if info.task == task]
+    return MODELS.names(task=task)
+
+
+def describe_models(task: str = "classification") -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of the registered models of ``task``."""
+    return MODELS.describe(task=task)
 
 
 def model_info(name: str) -> ModelInfo:
@@ -97,9 +109,9 @@ def model_info(name: str) -> ModelInfo:
     Raises:
         ValueError: unknown name, listing the allowed ones.
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(_MODELS)}")
-    return _MODELS[name]
+    if not isinstance(name, str) or name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {MODELS.allowed()}")
+    return MODELS.get(name)
 
 
 def create_model(name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 28,
