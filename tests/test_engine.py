@@ -439,3 +439,60 @@ def test_max_steps_run_resumes_exactly_after_a_kill(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed["final_test_error"] == reference["final_test_error"]
+
+
+# ------------------------------------------------------------------------------------------- seeds, JSON
+
+
+def test_epoch_and_loader_seeds_come_from_derive_seed_and_keep_their_former_values():
+    """Both go through bioprop.seeding.derive_seed; the reference is the SeedSequence formula each used before."""
+    from bioprop.data.loader import _generator
+    from bioprop.engine.pipeline import epoch_seed
+    for parts in [(0, 1, 0), (7, 3, 1), (2**63 + 5, 12, 3), (123456789, 0, 2)]:
+        assert epoch_seed(*parts) == int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+        former = int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
+        assert torch.equal(torch.randperm(50, generator=_generator(*parts)),
+                           torch.randperm(50, generator=torch.Generator().manual_seed(former)))
+
+
+def test_one_jsonable_serves_the_run_logs_and_the_metrics():
+    from bioprop import metrics
+    from bioprop.engine import runlog
+    assert runlog.jsonable is metrics.jsonable
+    value = {"t": torch.tensor([1.0, float("nan")]), "s": np.float32(np.inf), "a": np.array([[1, 2]]),
+             "n": (np.int64(3), torch.tensor(2.5)), 4: float("-inf")}
+    assert metrics.jsonable(value) == {"t": [1.0, None], "s": None, "a": [[1, 2]], "n": [3, 2.5], "4": None}
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+def test_a_registered_task_is_run_by_train_and_named_in_the_unknown_task_error(tmp_path, monkeypatch):
+    """train() finds the run through the task registry: a new task needs no change to the loop."""
+    import copy
+    from bioprop.engine import tasks as tasks_module
+    from bioprop.engine.classification import ClassificationTask
+    monkeypatch.setattr(tasks_module, "TASKS", copy.deepcopy(tasks_module.TASKS))  # leave the real registry alone
+    from bioprop.engine import config as config_module, loop as loop_module
+    monkeypatch.setattr(config_module, "TASKS", tasks_module.TASKS)
+    calls = []
+
+    class EchoRun:
+        def __init__(self, config, env, device, on_step, task):
+            calls.append((config.task, type(task).__name__, env.world_size))
+
+        def run(self):
+            return {"task": "echo"}
+
+    @tasks_module.register_task("echo", description="a test task that trains nothing")
+    class EchoTask(ClassificationTask):
+        """A test task."""
+        run_class = EchoRun
+
+    assert tasks_module.list_tasks() == ["classification", "detection", "echo"]
+    assert dict(tasks_module.describe_tasks())["echo"] == "a test task that trains nothing"
+    assert train(small(tmp_path, task="echo")) == {"task": "echo"}
+    assert calls == [("echo", "EchoTask", 1)]
+    assert loop_module.create_task is tasks_module.create_task  # the loop looks the task up, it names none
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'; allowed: classification, detection, echo"):
+        train(small(tmp_path, task="nope"))

@@ -6,32 +6,16 @@ Only the main process writes; on the other ranks these objects exist but do noth
 from __future__ import annotations
 
 import json
-import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
-import numpy as np
-from torch import Tensor
+from ..metrics.training import jsonable
 
 __all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records", "jsonable", "epoch_line", "LogError"]
 
 T = TypeVar("T")
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` ready for strict JSON: tensors and NumPy values become Python numbers or lists, and NaN/inf
-    (which JSON cannot hold) become null."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (Tensor, np.ndarray, np.generic)):
-        return jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
