@@ -16,8 +16,6 @@ from . import direct, metrics, mirror, optim  # noqa: F401  (bioprop.direct, bio
 
 __version__ = "0.1.0"
 
-from . import detection  # noqa: E402,F401  (registers the detection task of bioprop.engine)
-
 __all__ = [
     "convert", "feedback_weights", "reset_feedback", "conversion_summary", "ConversionSummary", "list_rules",
     "register_rule",

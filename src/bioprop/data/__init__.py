@@ -87,9 +87,8 @@ def get_source(name: str) -> DataSource:
 
     Raises:
         ValueError: unknown name, listing the allowed ones.
+        TypeError: ``name`` is not a string.
     """
-    if not isinstance(name, str) or name not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; {DATASETS.allowed_word}: {DATASETS.allowed()}")
     return DATASETS.get(name)
 
 

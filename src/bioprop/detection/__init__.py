@@ -2,7 +2,7 @@
 
 ``bioprop train --task detection --dataset coco --data-root DIR --model retinanet`` trains a RetinaNet
 (:mod:`bioprop.models.detection`) with any per-layer rule; see ``docs/detection.md``. Importing this package
-(``import bioprop`` does) registers the ``"detection"`` task of :mod:`bioprop.engine`.
+(:mod:`bioprop.engine` does) registers the ``"detection"`` task of the engine.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ records of :func:`bioprop.metrics.training_metrics`.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -20,10 +20,8 @@ from .config import ConfigError, TrainConfig
 from .distributed import DistEnv
 from .evaluation import RunningSums, evaluate
 from .pipeline import rank_batch
+from .runlog import MetricsLog, TensorBoardLog
 from .tasks import Task, TaskData, register_task
-
-if TYPE_CHECKING:
-    from .runlog import MetricsLog, TensorBoardLog
 
 __all__ = ["ClassificationTask", "dataset_shape"]
 

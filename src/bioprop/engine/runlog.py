@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 from ..metrics.training import jsonable
+from .checkpoint import RunWarning
+from .config import ConfigError
 
 __all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records", "jsonable", "epoch_line", "LogError"]
 
@@ -79,7 +81,6 @@ class MetricsLog:
 
 
 def _warn(message: str) -> None:
-    from .checkpoint import RunWarning
     warnings.warn(message, RunWarning, stacklevel=3)
 
 
@@ -154,7 +155,6 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from .config import ConfigError
             raise ConfigError("tensorboard", "tensorboard = true needs the tensorboard package: pip install "
                                              "tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

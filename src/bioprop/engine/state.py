@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import rng_state, set_rng_state
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 
-__all__ = ["CHECKPOINT_FORMAT", "run_state", "restore_run"]
+__all__ = ["CHECKPOINT_FORMAT", "run_state", "restore_run", "save_run"]
 
 #: bumped when the checkpoint layout changes incompatibly
 CHECKPOINT_FORMAT = 1
@@ -52,3 +52,14 @@ def restore_run(run: Any, checkpoint: dict[str, Any]) -> None:
     if run.plateau is not None:
         run.plateau.load_state_dict(checkpoint["plateau"])
     run.loss_reference = checkpoint.get("loss_reference")  # absent in older checkpoints: set it again
+
+
+def save_run(run: Any, *, best: bool) -> None:
+    """Write ``checkpoint.pt`` (the previous one kept as ``checkpoint.prev.pt``) and, when ``best``, ``best.pt``."""
+    state = run_state(run)
+    # best.pt first: a kill between the two files resumes from the previous epoch and rewrites both.
+    if best:
+        save_checkpoint(state, run.out / "best.pt")
+    save_checkpoint(state, run.out / "checkpoint.pt",
+                    previous=run.out / "checkpoint.prev.pt" if run.keep_previous else None)
+    run.keep_previous, run.good_checkpoint = True, run.out / "checkpoint.pt"
