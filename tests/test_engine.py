@@ -16,6 +16,7 @@ from bioprop.engine import (CheckpointError, ConfigError, TrainConfig, TrainingD
                             load_checkpoint, lr_factor, read_records, save_checkpoint, train)
 from bioprop.engine import checkpoint as checkpoint_module
 from bioprop.engine.checkpoint import rng_state, set_rng_state
+from bioprop.engine.provenance import code_version
 
 TIMING = ("samples_per_s", "epoch_time_s", "eval_time_s", "time_s")
 
@@ -109,7 +110,9 @@ def test_run_writes_the_documented_layout(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.prev.pt", "checkpoint.pt", "config.json",
                                                      "final.json", "metrics.jsonl"]  # no run.lock left behind
     assert load_checkpoint(out / "checkpoint.prev.pt")["epoch"] == 1
-    assert json.loads((out / "config.json").read_text()) == small(tmp_path, epochs=2).to_dict()
+    saved = json.loads((out / "config.json").read_text())
+    assert saved.pop("code") == code_version()  # which code made the run (see the provenance tests)
+    assert saved == small(tmp_path, epochs=2).to_dict()
     epochs = read_records(out / "metrics.jsonl", "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2] and [r["step"] for r in epochs] == [22, 44]
     for r in epochs:
@@ -496,3 +499,52 @@ def test_a_registered_task_is_run_by_train_and_named_in_the_unknown_task_error(t
     assert loop_module.create_task is tasks_module.create_task  # the loop looks the task up, it names none
     with pytest.raises(ConfigError, match=r"unknown task 'nope'; allowed: classification, detection, echo"):
         train(small(tmp_path, task="nope"))
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+
+def _git(cwd: Path, *args: str) -> str:
+    import subprocess
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_config_and_final_json_name_the_code_that_made_the_run(tmp_path):
+    summary = train(small(tmp_path, epochs=1))
+    out = tmp_path / "run"
+    package = Path(bioprop.__file__).resolve().parent
+    expected = {"version": bioprop.__version__, "commit": None, "dirty": None}
+    try:
+        _git(package, "ls-files", "--error-unmatch", "__init__.py")
+    except Exception:  # noqa: BLE001 - an installed copy: no git facts
+        pass
+    else:  # the reference: git itself, asked directly
+        expected["commit"] = _git(package, "rev-parse", "HEAD")
+        expected["dirty"] = bool(_git(package, "status", "--porcelain", "--", "."))
+    for name in ("config.json", "final.json"):
+        assert json.loads((out / name).read_text())["code"] == expected, name
+    assert summary["code"] == expected
+
+
+def test_code_version_outside_a_checkout_and_in_a_dirty_one(tmp_path, monkeypatch):
+    import subprocess
+    from bioprop.engine import provenance
+    monkeypatch.setattr(provenance, "_PACKAGE_DIR", tmp_path)
+    provenance._git_state.cache_clear()
+    try:
+        assert provenance.code_version() == {"version": bioprop.__version__, "commit": None, "dirty": None}
+        repo = tmp_path / "repo"
+        (repo / "pkg").mkdir(parents=True)
+        (repo / "pkg" / "__init__.py").write_text("x = 1\n")
+        for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+            subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+        monkeypatch.setattr(provenance, "_PACKAGE_DIR", repo / "pkg")
+        provenance._git_state.cache_clear()
+        clean = provenance.code_version()
+        assert clean["commit"] == _git(repo, "rev-parse", "HEAD") and len(clean["commit"]) == 40
+        assert clean["dirty"] is False
+        (repo / "pkg" / "__init__.py").write_text("x = 2\n")
+        provenance._git_state.cache_clear()
+        assert provenance.code_version()["dirty"] is True
+    finally:
+        provenance._git_state.cache_clear()

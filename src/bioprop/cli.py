@@ -147,6 +147,7 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, str
         ConfigError: a bad key, type or value, attributed to its flag, file or ``--set``.
     """
     from .engine.config import apply_override, config_from_dict, load_toml, parse_override
+    from .engine.provenance import CODE_KEY
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -170,7 +171,8 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, str
         # run's own config.json. The engine still refuses values that differ from the checkpoint's.
         saved_path = config.resolved_output_dir() / "config.json"
         if saved_path.is_file():
-            saved = {k: v for k, v in _read_saved_config(saved_path).items() if k not in ("resume", "overwrite")}
+            saved = {k: v for k, v in _read_saved_config(saved_path).items()
+                     if k not in ("resume", "overwrite", CODE_KEY)}  # the code version is a record, not a setting
             base = config_from_dict(saved, {k: str(saved_path) for k in saved})
             config = config_from_dict(values, sources, base=base)
     return config, sources
@@ -197,11 +199,11 @@ def _read_saved_config(path: Path) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
-    from .engine.config import ConfigError
+    from .engine.config import ConfigError, as_toml
 
     config, sources = train_config_from_args(args)
     if args.print_config:
-        print(_as_toml(config.to_dict()), end="")
+        print(as_toml(config.to_dict()), end="")
         return 0
     try:
         summary = train(config)
@@ -237,19 +239,12 @@ def _registry_lines(what: str) -> list[tuple[str, str, dict[str, Any]]]:
     if what == "rules":
         from . import create_rule, list_rules, rule_options
         return [(name, _first_line(type(create_rule(name)).__doc__), rule_options(name)) for name in list_rules()]
-    if what == "models":
-        from .models import describe_models
-        return [(name, description, {}) for name, description in describe_models()]
-    if what == "datasets":
-        from .data import describe_datasets
-        return [(name, description, {}) for name, description in describe_datasets()]
-    if what == "constraints":
-        from .optim import describe_constraints
-        return [(name, description, {}) for name, description in describe_constraints()]
-    from . import engine
-    registry = {"optimizers": engine.OPTIMIZERS, "schedules": engine.SCHEDULES, "losses": engine.LOSSES,
-                "tasks": engine.TASKS}[what]
-    return [(name, description, {}) for name, description in registry.describe()]
+    from . import data, engine, models, optim
+    described = {"models": models.describe_models, "datasets": data.describe_datasets,
+                 "constraints": optim.describe_constraints, "optimizers": engine.OPTIMIZERS.describe,
+                 "schedules": engine.SCHEDULES.describe, "losses": engine.LOSSES.describe,
+                 "tasks": engine.TASKS.describe}[what]()
+    return [(name, description, {}) for name, description in described]
 
 
 def _first_line(doc: str | None) -> str:
@@ -382,19 +377,6 @@ def _error(message: str, code: int) -> int:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
-
-
-def _as_toml(values: dict[str, Any]) -> str:
-    """A flat TOML rendering of a config dict (tables last, as TOML requires)."""
-    import json
-    scalars, tables = [], []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in value.items())
-            tables.append(f"\n[{key}]\n{body}")
-        else:
-            scalars.append(f"{key} = {json.dumps(value)}\n")  # JSON's strings, numbers, bools, lists are TOML
-    return "".join(scalars) + "".join(tables)
 
 
 if __name__ == "__main__":  # pragma: no cover

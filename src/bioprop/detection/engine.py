@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data import DatasetError
 from ..engine import distributed as dist_utils
 from ..engine.build import lr_factor
 from ..engine.checkpoint import (CheckpointError, check_same_run, load_checkpoint, rng_state, save_checkpoint,
@@ -26,9 +27,9 @@ from ..engine.config import ConfigError, TrainConfig
 from ..engine.loop import StepInfo, TrainingDiverged
 from ..engine.pipeline import (RuleSteps, build_model, build_optimisation, epoch_seed, rank_batch, seed_everything,
                                set_lr, wrap_model)
+from ..engine.provenance import CODE_KEY, code_version
 from ..engine.runlog import MetricsLog, jsonable
 from ..engine.tasks import Task, TaskData, register_task
-from ..data import DatasetError
 from ..models import list_models
 from .coco import list_datasets, load_detection
 from .evaluation import AP_KEYS, evaluate_detector
@@ -37,53 +38,6 @@ from .loader import DetectionLoader
 __all__ = ["DetectionTask", "DetectionRun", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
-
-
-@register_task("detection", description="COCO-format boxes with a RetinaNet; COCO AP (docs/detection.md)")
-class DetectionTask(Task):
-    """Boxes and classes of the objects in an image (COCO-format data, a RetinaNet), scored by COCO AP."""
-
-    run_class = None  # set below: the detection run
-
-    def dataset_names(self) -> list[str]:
-        return list_datasets()
-
-    def model_names(self) -> list[str]:
-        return list_models("detection")
-
-    def build_data(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> TaskData:
-        """The train and test sets (their loaders follow in :meth:`add_loaders`, once the model is built: they
-        resize images as the model says)."""
-        root = config.data_root or None
-        try:
-            train_set = load_detection(config.dataset, "train", root)
-            test_set = load_detection(config.dataset, "test", root)
-        except ValueError as err:
-            if isinstance(err, DatasetError):
-                raise
-            raise ConfigError("dataset", str(err)) from None
-        rank_batch(config, env, what=f"batch of {config.batch_size} images")
-        model_kwargs = dict(num_classes=train_set.num_classes, in_channels=3,
-                            image_size=int(config.model_args.get("min_size", 800)))
-        return TaskData(None, None, None, model_kwargs, extra={"train_set": train_set, "test_set": test_set})
-
-    @staticmethod
-    def add_loaders(data: TaskData, model: Any, config: TrainConfig, env: dist_utils.DistEnv,
-                    device: torch.device) -> None:
-        """The per-rank loaders, resizing as ``model`` (a RetinaNet: ``min_size``, ``max_size``) says.
-
-        Raises:
-            ConfigError: a batch larger than the training set.
-        """
-        batch = config.batch_size // env.world_size
-        common = dict(min_size=model.min_size, max_size=model.max_size, seed=config.seed, rank=env.rank,
-                      world_size=env.world_size, num_workers=config.num_workers, device=device)
-        train_set = data.extra["train_set"]
-        data.train_loader = DetectionLoader(train_set, batch, train=True, flip=config.augment != "off", **common)
-        data.test_loader = DetectionLoader(data.extra["test_set"], max(batch, 8), train=False, **common)
-        if len(data.train_loader) == 0:
-            raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set "
-                                            f"({len(train_set)} images)")
 
 
 class DetectionRun:
@@ -146,7 +100,8 @@ class DetectionRun:
                               resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
         try:
             if self.main:
-                (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+                (self.out / "config.json").write_text(json.dumps(
+                    {**config.to_dict(), CODE_KEY: code_version()}, indent=2) + "\n")
             while self.epoch < config.epochs:
                 self._epoch(self.epoch + 1)
             return self._finish()
@@ -221,10 +176,55 @@ class DetectionRun:
             "best_ap": max((h["ap"] for h in self.history if h["ap"] is not None), default=None),
             "final_test_error": None, "best_test_error": None,
             "wall_time_s": self.elapsed, "world_size": self.env.world_size, "output_dir": str(self.out),
+            CODE_KEY: code_version(),
         }
         if self.main:
             (self.out / "final.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
         return summary
 
 
-DetectionTask.run_class = DetectionRun
+@register_task("detection", description="COCO-format boxes with a RetinaNet; COCO AP (docs/detection.md)")
+class DetectionTask(Task):
+    """Boxes and classes of the objects in an image (COCO-format data, a RetinaNet), scored by COCO AP."""
+
+    run_class = DetectionRun
+
+    def dataset_names(self) -> list[str]:
+        return list_datasets()
+
+    def model_names(self) -> list[str]:
+        return list_models("detection")
+
+    def build_data(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> TaskData:
+        """The train and test sets (their loaders follow in :meth:`add_loaders`, once the model is built: they
+        resize images as the model says)."""
+        root = config.data_root or None
+        try:
+            train_set = load_detection(config.dataset, "train", root)
+            test_set = load_detection(config.dataset, "test", root)
+        except ValueError as err:
+            if isinstance(err, DatasetError):
+                raise
+            raise ConfigError("dataset", str(err)) from None
+        rank_batch(config, env, what=f"batch of {config.batch_size} images")
+        model_kwargs = dict(num_classes=train_set.num_classes, in_channels=3,
+                            image_size=int(config.model_args.get("min_size", 800)))
+        return TaskData(None, None, None, model_kwargs, extra={"train_set": train_set, "test_set": test_set})
+
+    @staticmethod
+    def add_loaders(data: TaskData, model: Any, config: TrainConfig, env: dist_utils.DistEnv,
+                    device: torch.device) -> None:
+        """The per-rank loaders, resizing as ``model`` (a RetinaNet: ``min_size``, ``max_size``) says.
+
+        Raises:
+            ConfigError: a batch larger than the training set.
+        """
+        batch = config.batch_size // env.world_size
+        common = dict(min_size=model.min_size, max_size=model.max_size, seed=config.seed, rank=env.rank,
+                      world_size=env.world_size, num_workers=config.num_workers, device=device)
+        train_set = data.extra["train_set"]
+        data.train_loader = DetectionLoader(train_set, batch, train=True, flip=config.augment != "off", **common)
+        data.test_loader = DetectionLoader(data.extra["test_set"], max(batch, 8), train=False, **common)
+        if len(data.train_loader) == 0:
+            raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set "
+                                            f"({len(train_set)} images)")

@@ -27,17 +27,17 @@ from torch import Tensor, nn
 from .. import metrics
 from . import distributed as dist_utils
 from .build import lr_factor
-from .checkpoint import save_checkpoint
 from .classification import ClassificationTask
 from .config import TrainConfig, check_values
 from .evaluation import RunningSums, evaluate
 from .pipeline import (RuleSteps, build_model, build_optimisation, epoch_seed, seed_everything, set_lr,
                        wrap_model)
 from .plateau import PlateauHalving
+from .provenance import CODE_KEY, code_version
 from .rundir import (RunLock, check_output_dir, divergence_advice, make_output_dir, refuse_existing,
                      remove_run_files, resume_checkpoint)
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
-from .state import CHECKPOINT_FORMAT, restore_run, run_state
+from .state import CHECKPOINT_FORMAT, restore_run, save_run
 from .tasks import Task, create_task
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT", "LAYERS_LOG", "Run",
@@ -217,7 +217,8 @@ class Run:
                                      purge_step=self.step if checkpoint is not None else None)
             try:
                 if self.main:
-                    (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+                    (self.out / "config.json").write_text(json.dumps(
+                        {**config.to_dict(), CODE_KEY: code_version()}, indent=2) + "\n")
                 if checkpoint is not None:
                     self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
                                  "checkpoint": str(self.resumed_from)})
@@ -372,13 +373,7 @@ class Run:
         if improved:
             self.best = {"error": selected, "epoch": epoch, "test_error": record["test_error"]}
         if self.main:
-            state = run_state(self)
-            # best.pt first: a kill between the two files resumes from the previous epoch and rewrites both.
-            if improved:
-                save_checkpoint(state, self.out / "best.pt")
-            save_checkpoint(state, self.out / "checkpoint.pt",
-                            previous=self.out / "checkpoint.prev.pt" if self.keep_previous else None)
-            self.keep_previous, self.good_checkpoint = True, self.out / "checkpoint.pt"
+            save_run(self, best=improved)
 
     def _finish(self) -> dict[str, Any]:
         config = self.config
@@ -395,6 +390,7 @@ class Run:
             "wall_time_s": self.elapsed,
             "world_size": self.env.world_size,
             "output_dir": str(self.out),
+            CODE_KEY: code_version(),
         }
         if self.plateau is not None:
             summary["stop_reason"] = self.plateau.stop_reason or f"reached epochs = {config.epochs}"
