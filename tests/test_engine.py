@@ -548,3 +548,15 @@ def test_code_version_outside_a_checkout_and_in_a_dirty_one(tmp_path, monkeypatc
         assert provenance.code_version()["dirty"] is True
     finally:
         provenance._git_state.cache_clear()
+
+
+def test_the_loop_names_no_task():
+    """The loop reaches every task through the registry: it imports no task module and compares no task name."""
+    import ast
+    from bioprop.engine import loop, tasks
+    tree = ast.parse(Path(loop.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"classification", "..detection", "detection", "..detection.engine"}
+    names = set(tasks.list_tasks())
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not names & strings

@@ -17,8 +17,9 @@ from .config import ConfigError, TrainConfig, config_from_dict, load_toml
 from .loop import StepInfo, TrainingDiverged, evaluate, train
 from .runlog import read_records
 from .tasks import TASKS, Task, TaskData, create_task, describe_tasks, list_tasks, register_task
-# The package registers its built-in tasks: classification (imported by the loop above), then detection, whose
-# run is built from the engine's modules loaded above.
+# The package registers its built-in tasks: classification, then detection, whose run is built from the engine's
+# modules loaded above.
+from . import classification  # noqa: E402,F401
 from .. import detection  # noqa: E402,F401
 
 __all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "ConfigError", "CheckpointError", "StepInfo",

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from .. import metrics
 from . import distributed as dist_utils
 from .build import lr_factor
-from .classification import ClassificationTask
 from .config import TrainConfig, check_values
 from .evaluation import RunningSums, evaluate
 from .pipeline import (RuleSteps, build_model, build_optimisation, epoch_seed, seed_everything, set_lr,
@@ -105,14 +104,14 @@ class Run:
 
     The set-up is a short pipeline of named steps (:meth:`_build`): build data (the task's), build model,
     build optimisation, restore; :meth:`_wrap` follows once every rank has passed its checks. The task
-    (:class:`~bioprop.engine.classification.ClassificationTask` by default) supplies the data, the loss, the
+    (:class:`~bioprop.engine.tasks.Task`, e.g. the classification task) supplies the data, the loss, the
     forward pass of a step, the evaluation and the analysis records.
     """
 
     def __init__(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device,
-                 on_step: Callable[[StepInfo], None] | None, task: Task | None = None) -> None:
+                 on_step: Callable[[StepInfo], None] | None, task: Task) -> None:
         self.config, self.env, self.device, self.on_step = config, env, device, on_step
-        self.task: Any = task if task is not None else ClassificationTask()
+        self.task: Any = task  # the loop's parts of the task (see bioprop.engine.classification for them)
         self.out = config.resolved_output_dir()
         self.main = env.is_main
         self.lock = RunLock(self.out)
@@ -334,7 +333,7 @@ class Run:
                 print(f"bioprop: warning: {message}", file=sys.stderr, flush=True)
 
     def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
-        """The task's analysis record of the current batch (see ``ClassificationTask.analysis``)."""
+        """The task's analysis record of the current batch."""
         self.analysed_step = self.step
         self.task.analysis(self.model, x, y, self.loss_fn, {"kind": "analysis", "epoch": epoch, "step": self.step},
                            self.device, self.log, self.layer_log, self.tb)
