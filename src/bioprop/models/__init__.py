@@ -2,6 +2,7 @@
 
 Examples::
 
+    >>> import torch
     >>> from bioprop.models import create_model, list_models
     >>> net = create_model("mlp", num_classes=10, in_channels=1, image_size=28, depth=2, width=800)
     >>> net(torch.zeros(4, 1, 28, 28)).shape
