@@ -147,11 +147,21 @@ def test_list_commands(capsys):
     out = capsys.readouterr().out
     assert [line.split()[0] for line in out.strip().splitlines()] == bioprop.list_rules()
     assert main(["list", "models"]) == 0
-    assert capsys.readouterr().out.split() == bioprop.models.list_models()
+    assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()] == bioprop.models.list_models()
     assert main(["list", "datasets"]) == 0
-    assert capsys.readouterr().out.split() == bioprop.data.list_datasets()
+    assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()] == bioprop.data.list_datasets()
     assert main(["list", "constraints"]) == 0
-    assert capsys.readouterr().out.split() == bioprop.optim.list_constraints()
+    assert [line.split()[0] for line in capsys.readouterr().out.strip().splitlines()] == \
+        bioprop.optim.list_constraints()
+    from bioprop import engine
+    for what, registry in (("optimizers", engine.OPTIMIZERS), ("schedules", engine.SCHEDULES),
+                           ("losses", engine.LOSSES), ("tasks", engine.TASKS)):
+        assert main(["list", what]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert [line.split()[0] for line in lines] == registry.names(), what
+    for what in ("rules", "models", "datasets", "constraints", "optimizers", "schedules", "losses", "tasks"):
+        assert main(["list", what]) == 0  # every entry has a one-line description after its name
+        assert all(len(line.split()) > 1 for line in capsys.readouterr().out.strip().splitlines()), what
     assert main(["list", "things"]) == 2
     assert "invalid choice: 'things'" in error_line(capsys)
 

@@ -16,6 +16,7 @@ from bioprop.engine import (CheckpointError, ConfigError, TrainConfig, TrainingD
                             load_checkpoint, lr_factor, read_records, save_checkpoint, train)
 from bioprop.engine import checkpoint as checkpoint_module
 from bioprop.engine.checkpoint import rng_state, set_rng_state
+from bioprop.engine.provenance import code_version
 
 TIMING = ("samples_per_s", "epoch_time_s", "eval_time_s", "time_s")
 
@@ -109,7 +110,9 @@ def test_run_writes_the_documented_layout(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.prev.pt", "checkpoint.pt", "config.json",
                                                      "final.json", "metrics.jsonl"]  # no run.lock left behind
     assert load_checkpoint(out / "checkpoint.prev.pt")["epoch"] == 1
-    assert json.loads((out / "config.json").read_text()) == small(tmp_path, epochs=2).to_dict()
+    saved = json.loads((out / "config.json").read_text())
+    assert saved.pop("code") == code_version()  # which code made the run (see the provenance tests)
+    assert saved == small(tmp_path, epochs=2).to_dict()
     epochs = read_records(out / "metrics.jsonl", "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2] and [r["step"] for r in epochs] == [22, 44]
     for r in epochs:
@@ -439,3 +442,121 @@ def test_max_steps_run_resumes_exactly_after_a_kill(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed["final_test_error"] == reference["final_test_error"]
+
+
+# ------------------------------------------------------------------------------------------- seeds, JSON
+
+
+def test_epoch_and_loader_seeds_come_from_derive_seed_and_keep_their_former_values():
+    """Both go through bioprop.seeding.derive_seed; the reference is the SeedSequence formula each used before."""
+    from bioprop.data.loader import _generator
+    from bioprop.engine.pipeline import epoch_seed
+    for parts in [(0, 1, 0), (7, 3, 1), (2**63 + 5, 12, 3), (123456789, 0, 2)]:
+        assert epoch_seed(*parts) == int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+        former = int(np.random.SeedSequence(list(parts)).generate_state(1, dtype=np.uint64)[0])
+        assert torch.equal(torch.randperm(50, generator=_generator(*parts)),
+                           torch.randperm(50, generator=torch.Generator().manual_seed(former)))
+
+
+def test_one_jsonable_serves_the_run_logs_and_the_metrics():
+    from bioprop import metrics
+    from bioprop.engine import runlog
+    assert runlog.jsonable is metrics.jsonable
+    value = {"t": torch.tensor([1.0, float("nan")]), "s": np.float32(np.inf), "a": np.array([[1, 2]]),
+             "n": (np.int64(3), torch.tensor(2.5)), 4: float("-inf")}
+    assert metrics.jsonable(value) == {"t": [1.0, None], "s": None, "a": [[1, 2]], "n": [3, 2.5], "4": None}
+
+
+# ------------------------------------------------------------------------------------------- tasks
+
+
+def test_a_registered_task_is_run_by_train_and_named_in_the_unknown_task_error(tmp_path, monkeypatch):
+    """train() finds the run through the task registry: a new task needs no change to the loop."""
+    import copy
+    from bioprop.engine import tasks as tasks_module
+    from bioprop.engine.classification import ClassificationTask
+    monkeypatch.setattr(tasks_module, "TASKS", copy.deepcopy(tasks_module.TASKS))  # leave the real registry alone
+    from bioprop.engine import config as config_module, loop as loop_module
+    monkeypatch.setattr(config_module, "TASKS", tasks_module.TASKS)
+    calls = []
+
+    class EchoRun:
+        def __init__(self, config, env, device, on_step, task):
+            calls.append((config.task, type(task).__name__, env.world_size))
+
+        def run(self):
+            return {"task": "echo"}
+
+    @tasks_module.register_task("echo", description="a test task that trains nothing")
+    class EchoTask(ClassificationTask):
+        """A test task."""
+        run_class = EchoRun
+
+    assert tasks_module.list_tasks() == ["classification", "detection", "echo"]
+    assert dict(tasks_module.describe_tasks())["echo"] == "a test task that trains nothing"
+    assert train(small(tmp_path, task="echo")) == {"task": "echo"}
+    assert calls == [("echo", "EchoTask", 1)]
+    assert loop_module.create_task is tasks_module.create_task  # the loop looks the task up, it names none
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'; allowed: classification, detection, echo"):
+        train(small(tmp_path, task="nope"))
+
+
+# ------------------------------------------------------------------------------------------- provenance
+
+
+def _git(cwd: Path, *args: str) -> str:
+    import subprocess
+    return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_config_and_final_json_name_the_code_that_made_the_run(tmp_path):
+    summary = train(small(tmp_path, epochs=1))
+    out = tmp_path / "run"
+    package = Path(bioprop.__file__).resolve().parent
+    expected = {"version": bioprop.__version__, "commit": None, "dirty": None}
+    try:
+        _git(package, "ls-files", "--error-unmatch", "__init__.py")
+    except Exception:  # noqa: BLE001 - an installed copy: no git facts
+        pass
+    else:  # the reference: git itself, asked directly
+        expected["commit"] = _git(package, "rev-parse", "HEAD")
+        expected["dirty"] = bool(_git(package, "status", "--porcelain", "--", "."))
+    for name in ("config.json", "final.json"):
+        assert json.loads((out / name).read_text())["code"] == expected, name
+    assert summary["code"] == expected
+
+
+def test_code_version_outside_a_checkout_and_in_a_dirty_one(tmp_path, monkeypatch):
+    import subprocess
+    from bioprop.engine import provenance
+    monkeypatch.setattr(provenance, "_PACKAGE_DIR", tmp_path)
+    provenance._git_state.cache_clear()
+    try:
+        assert provenance.code_version() == {"version": bioprop.__version__, "commit": None, "dirty": None}
+        repo = tmp_path / "repo"
+        (repo / "pkg").mkdir(parents=True)
+        (repo / "pkg" / "__init__.py").write_text("x = 1\n")
+        for args in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+            subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+        monkeypatch.setattr(provenance, "_PACKAGE_DIR", repo / "pkg")
+        provenance._git_state.cache_clear()
+        clean = provenance.code_version()
+        assert clean["commit"] == _git(repo, "rev-parse", "HEAD") and len(clean["commit"]) == 40
+        assert clean["dirty"] is False
+        (repo / "pkg" / "__init__.py").write_text("x = 2\n")
+        provenance._git_state.cache_clear()
+        assert provenance.code_version()["dirty"] is True
+    finally:
+        provenance._git_state.cache_clear()
+
+
+def test_the_loop_names_no_task():
+    """The loop reaches every task through the registry: it imports no task module and compares no task name."""
+    import ast
+    from bioprop.engine import loop, tasks
+    tree = ast.parse(Path(loop.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"classification", "..detection", "detection", "..detection.engine"}
+    names = set(tasks.list_tasks())
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    assert not names & strings

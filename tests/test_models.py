@@ -198,7 +198,8 @@ def test_narrow_variants_keep_the_layer_graph() -> None:
 
 
 def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(models_module, "_MODELS", dict(models_module._MODELS))  # leave the real registry alone
+    # leave the real registry alone
+    monkeypatch.setattr(models_module.registry, "MODELS", copy.deepcopy(models_module.registry.MODELS))
 
     @register_model("linear_probe", paper="test", min_image_size=2)
     def linear_probe(num_classes: int, in_channels: int, image_size: int, *, bias: bool = True) -> nn.Module:

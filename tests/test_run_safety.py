@@ -253,3 +253,31 @@ def test_constant_norm_holds_exactly_whatever_the_config_order(tmp_path):
         assert (w * signs[name].double() >= 0).all(), name  # and the signs hold
         clamped += int((w == 0).sum())
     assert clamped > 0  # the sign projection did act, so the order matters
+
+
+
+def test_constraints_hold_exactly_after_every_engine_step_in_either_config_order(tmp_path):
+    """After each optimizer step of the engine (seen through ``on_step``), FixedSign and ConstantNorm both hold
+    with the config order that lists the rescaling first; the reference norms and signs are those of the same
+    model built independently from the same seed, before any step."""
+    import bioprop
+    from bioprop.models import create_model
+    torch.manual_seed(0)
+    reference = bioprop.convert(create_model("mlp", num_classes=10, in_channels=1, image_size=8, depth=2, width=32),
+                                "fa", seed=0)
+    initial = {n: p.detach().double() for n, p in reference.named_parameters() if n.endswith("weight")}
+    assert all((w != 0).all() for w in initial.values())  # every sign is assigned from the start
+    clamped, steps = [0], [0]
+
+    def check(info) -> None:
+        weights = {n: p.detach().double() for n, p in info.model.named_parameters() if n in initial}
+        assert weights.keys() == initial.keys()
+        for name, w in weights.items():
+            assert w.norm().item() == pytest.approx(initial[name].norm().item(), rel=1e-6), (info.step, name)
+            assert (w * initial[name].sign() >= 0).all(), (info.step, name)
+            clamped[0] += int((w == 0).sum())
+        steps[0] += 1
+
+    train(small(tmp_path, epochs=1, lr=0.5, constraints=["constant_norm", "fixed_sign"]), on_step=check)
+    assert steps[0] == 22
+    assert clamped[0] > 0  # the sign projection did act, so the order matters

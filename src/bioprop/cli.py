@@ -5,7 +5,7 @@
     bioprop demo                                   # MNIST: BP, FA, uSF and DFA side by side, with a report
     bioprop train --dataset mnist --rule usf --epochs 20 --set model_args.width=800
     bioprop train --config run.toml --set rule_options.scale=biotorch --resume
-    bioprop list rules | models | datasets | constraints | experiments
+    bioprop list rules | models | datasets | constraints | optimizers | schedules | losses | tasks | experiments
     bioprop reproduce biotorch --scale quick --only 'mnist/*' --seeds 3
     bioprop data get mnist ; bioprop data list
     bioprop report runs/a runs/b --output-dir results/ab
@@ -39,6 +39,10 @@ TRAIN_FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--output-dir", "output_dir", str, "run directory; default runs/<dataset>-<model>-<rule>-s<seed>[-HASH]"),
     ("--device", "device", str, "auto, cpu, cuda or cuda:N; default auto"),
 ]
+
+
+#: what ``bioprop list`` can show
+LISTS = ("rules", "models", "datasets", "constraints", "optimizers", "schedules", "losses", "tasks", "experiments")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -84,10 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true",
                        help="print the resolved config as TOML and exit without training")
 
-    lister = sub.add_parser("list", help="list the registered rules, models, data sets or constraints",
-                            description="List what can be named in a config.")
-    lister.add_argument("what", choices=("rules", "models", "datasets", "constraints", "experiments"),
-                        help="which registry to list")
+    lister = sub.add_parser("list", help="list the registered rules, models, data sets, constraints, ...",
+                            description="List what can be named in a config, one name and description a line.")
+    lister.add_argument("what", choices=LISTS, help="which registry to list")
 
     data = sub.add_parser("data", help="fetch data sets or show which are present",
                           description="Data sets live in --root, else $BIOPROP_DATA, else ~/.cache/bioprop.")
@@ -144,6 +147,7 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, str
         ConfigError: a bad key, type or value, attributed to its flag, file or ``--set``.
     """
     from .engine.config import apply_override, config_from_dict, load_toml, parse_override
+    from .engine.provenance import CODE_KEY
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -167,7 +171,8 @@ def train_config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, str
         # run's own config.json. The engine still refuses values that differ from the checkpoint's.
         saved_path = config.resolved_output_dir() / "config.json"
         if saved_path.is_file():
-            saved = {k: v for k, v in _read_saved_config(saved_path).items() if k not in ("resume", "overwrite")}
+            saved = {k: v for k, v in _read_saved_config(saved_path).items()
+                     if k not in ("resume", "overwrite", CODE_KEY)}  # the code version is a record, not a setting
             base = config_from_dict(saved, {k: str(saved_path) for k in saved})
             config = config_from_dict(values, sources, base=base)
     return config, sources
@@ -194,11 +199,11 @@ def _read_saved_config(path: Path) -> dict[str, Any]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .engine import train
-    from .engine.config import ConfigError
+    from .engine.config import ConfigError, as_toml
 
     config, sources = train_config_from_args(args)
     if args.print_config:
-        print(_as_toml(config.to_dict()), end="")
+        print(as_toml(config.to_dict()), end="")
         return 0
     try:
         summary = train(config)
@@ -219,28 +224,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    if args.what == "rules":
-        from .rules import _RULES, list_rules, rule_options
-        for name in list_rules():
-            doc = (_RULES[name].__doc__ or "").strip().splitlines()[0]
-            options = ", ".join(f"{k}={v!r}" for k, v in rule_options(name).items())
-            print(f"{name:<20} {doc}" + (f"  [options: {options}]" if options else ""))
-    elif args.what == "models":
-        from .models import list_models
-        for name in list_models():
-            print(name)
-    elif args.what == "datasets":
-        from .data import list_datasets
-        for name in list_datasets():
-            print(name)
-    elif args.what == "experiments":
+    if args.what == "experiments":
         from .experiments.cli import list_lines
         print("\n".join(list_lines()))
-    else:
-        from .optim import list_constraints
-        for name in list_constraints():
-            print(name)
+        return 0
+    for name, description, options in _registry_lines(args.what):
+        listed = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        print(f"{name:<20} {description}" + (f"  [options: {listed}]" if listed else ""))
     return 0
+
+
+def _registry_lines(what: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(name, one-line description, options shown)`` of every entry of the registry ``what`` names."""
+    if what == "rules":
+        from .rules import describe_rules, rule_options
+        return [(name, description, rule_options(name)) for name, description in describe_rules()]
+    from . import data, engine, models, optim
+    described = {"models": models.describe_models, "datasets": data.describe_datasets,
+                 "constraints": optim.describe_constraints, "optimizers": engine.OPTIMIZERS.describe,
+                 "schedules": engine.SCHEDULES.describe, "losses": engine.LOSSES.describe,
+                 "tasks": engine.TASKS.describe}[what]()
+    return [(name, description, {}) for name, description in described]
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
@@ -368,19 +372,6 @@ def _error(message: str, code: int) -> int:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
-
-
-def _as_toml(values: dict[str, Any]) -> str:
-    """A flat TOML rendering of a config dict (tables last, as TOML requires)."""
-    import json
-    scalars, tables = [], []
-    for key, value in values.items():
-        if isinstance(value, dict):
-            body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in value.items())
-            tables.append(f"\n[{key}]\n{body}")
-        else:
-            scalars.append(f"{key} = {json.dumps(value)}\n")  # JSON's strings, numbers, bools, lists are TOML
-    return "".join(scalars) + "".join(tables)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..registry import Registry
 from ._files import DatasetCorruptError, DatasetError, DatasetNotFoundError, default_root
 from .base import SPLITS, ArrayDataset, DataSource
 from .cifar import Cifar10Source, Cifar100Source
@@ -35,34 +36,50 @@ __all__ = [
     "list_datasets", "load_dataset", "fetch_dataset", "list_present", "format_present", "register_dataset",
     "get_source", "default_root", "create_loader", "ArrayDataset", "ImageFolderDataset", "DataSource",
     "TensorLoader", "FileLoader", "DatasetError", "DatasetNotFoundError", "DatasetCorruptError", "SPLITS",
-    "CROP_PADDING",
+    "CROP_PADDING", "DATASETS", "describe_datasets",
 ]
 
-_SOURCES: dict[str, DataSource] = {}
+#: every data set by name; an entry's object is its :class:`DataSource`
+DATASETS: Registry[DataSource] = Registry("data set")
 
 PathLike = str | os.PathLike[str]
 
 
-def register_dataset(source: DataSource) -> DataSource:
+def register_dataset(source: DataSource, description: str = "") -> DataSource:
     """Add a data source to the registry under ``source.name``.
+
+    Args:
+        description: one line for ``bioprop list datasets``; default the source's title.
 
     Raises:
         ValueError: the name is empty or already registered.
     """
-    if not source.name or source.name in _SOURCES:
+    if not source.name or source.name in DATASETS:
         raise ValueError(f"data set name {source.name!r} is empty or already registered")
-    _SOURCES[source.name] = source
+    DATASETS.add(source.name, source, description=description or source.title, options=False)
     return source
 
 
-for _source in (MnistSource(), FashionMnistSource(), Cifar10Source(), Cifar100Source(), SvhnSource(),
-                ImageNetSource(), ImageFolderSource(), DigitsSource()):
-    register_dataset(_source)
+for _source, _description in (
+        (MnistSource(), "MNIST handwritten digits: 28x28 grayscale, 10 classes, 60k train / 10k test"),
+        (FashionMnistSource(), "Fashion-MNIST clothing: 28x28 grayscale, 10 classes, 60k train / 10k test"),
+        (Cifar10Source(), "CIFAR-10 natural images: 32x32 colour, 10 classes, 50k train / 10k test"),
+        (Cifar100Source(), "CIFAR-100 natural images: 32x32 colour, 100 classes, 50k train / 10k test"),
+        (SvhnSource(), "SVHN house numbers: 32x32 colour, 10 classes, 73k train / 26k test"),
+        (ImageNetSource(), "ImageNet ILSVRC-2012: class folders, 1000 classes, read with PIL"),
+        (ImageFolderSource(), "any tree of train/ and val/ class folders, read with PIL"),
+        (DigitsSource(), "scikit-learn's 8x8 digits: built in, always available, 10 classes")):
+    register_dataset(_source, _description)
 
 
 def list_datasets() -> list[str]:
     """Names of all registered data sets."""
-    return list(_SOURCES)
+    return DATASETS.names()
+
+
+def describe_datasets() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of every registered data set."""
+    return DATASETS.describe()
 
 
 def get_source(name: str) -> DataSource:
@@ -70,11 +87,9 @@ def get_source(name: str) -> DataSource:
 
     Raises:
         ValueError: unknown name, listing the allowed ones.
+        TypeError: ``name`` is not a string.
     """
-    key = name.strip().lower().replace("-", "_") if isinstance(name, str) else name
-    if key not in _SOURCES:
-        raise ValueError(f"unknown data set {name!r}; allowed: {', '.join(_SOURCES)}")
-    return _SOURCES[key]
+    return DATASETS.get(name)
 
 
 def load_dataset(name: str, split: str = "train", root: PathLike | None = None, val_size: int = 0,
@@ -124,7 +139,7 @@ def fetch_dataset(name: str, root: PathLike | None = None) -> Path:
 def list_present(root: PathLike | None = None) -> dict[str, Path | None]:
     """For every registered data set, where it was found under the data root, or None (``bioprop data list``)."""
     base = default_root(root)
-    return {name: source.locate(base) for name, source in _SOURCES.items()}
+    return {name: DATASETS.get(name).locate(base) for name in DATASETS.names()}
 
 
 def format_present(root: PathLike | None = None) -> str:
@@ -132,6 +147,6 @@ def format_present(root: PathLike | None = None) -> str:
     base = default_root(root)
     lines = [f"data root: {base}"]
     for name, location in list_present(base).items():
-        status = str(location) if location is not None else f"missing -- {_SOURCES[name].how_to_get}"
+        status = str(location) if location is not None else f"missing -- {DATASETS.get(name).how_to_get}"
         lines.append(f"  {name:<14} {status}")
     return "\n".join(lines)

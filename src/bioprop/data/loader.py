@@ -20,11 +20,11 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..seeding import derive_seed
 from .base import ArrayDataset
 from .imagefolder import ImageFolderDataset, SampleKey
 from .transforms import AUGMENTATIONS, affine_normalization, crop_flip, draw_crop_flip, normalize
@@ -37,9 +37,8 @@ _ORDER_STREAM, _AUGMENT_STREAM = 0, 1
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    # SeedSequence mixes the three integers, so (seed, epoch) pairs never collide the way seed + epoch does.
-    state = np.random.SeedSequence([seed, epoch, stream]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    # derive_seed mixes the three integers, so (seed, epoch) pairs never collide the way seed + epoch does.
+    return torch.Generator().manual_seed(derive_seed(seed, epoch, stream))
 
 
 def epoch_plan(n: int, *, shuffle: bool, seed: int, epoch: int, rank: int, world_size: int, drop_last: bool,

@@ -1,9 +1,13 @@
-"""The detection run behind ``train(config)`` for ``task = "detection"``: COCO-format data, a RetinaNet, AP.
+"""The detection task behind ``train(config)`` for ``task = "detection"``: COCO-format data, a RetinaNet, AP.
 
 It follows the classification loop's contract (one process per rank, the lr a pure function of the step,
 randomness a function of ``(seed, epoch, rank)``, an atomic ``checkpoint.pt`` after every epoch, ``metrics.jsonl``
 records, ``final.json``), with detection's pieces: per-image targets, the model's own loss, and evaluation by
 COCO AP gathered from all ranks. ``batch_size`` is the global number of images per step.
+
+The run goes through the engine's named steps (:mod:`bioprop.engine.pipeline`): build data
+(:meth:`DetectionTask.build_data`, the loaders once the model gives its input resize), build model, build
+optimisation, restore, wrap.
 """
 from __future__ import annotations
 
@@ -13,18 +17,26 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
+from ..data import DatasetError
 from ..engine import distributed as dist_utils
-from ..engine.build import build_optimizer, lr_factor
+from ..engine.build import lr_factor
 from ..engine.checkpoint import (CheckpointError, check_same_run, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
 from ..engine.config import ConfigError, TrainConfig
+from ..engine.loop import StepInfo, TrainingDiverged
+from ..engine.pipeline import (build_model, build_optimisation, epoch_seed, rank_batch, seed_everything,
+                               set_lr, wrap_model)
+from ..engine.provenance import CODE_KEY, code_version
 from ..engine.runlog import MetricsLog, jsonable
+from ..engine.tasks import Task, TaskData, register_task
+from ..models import list_models
+from ..rules import after_step
+from .coco import list_datasets, load_detection
 from .evaluation import AP_KEYS, evaluate_detector
 from .loader import DetectionLoader
 
-__all__ = ["DetectionRun", "CHECKPOINT_FORMAT"]
+__all__ = ["DetectionTask", "DetectionRun", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -33,57 +45,24 @@ class DetectionRun:
     """One detection training run; :meth:`run` does all of it and returns the summary."""
 
     def __init__(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device,
-                 on_step: Callable[[Any], None] | None) -> None:
+                 on_step: Callable[[Any], None] | None, task: DetectionTask | None = None) -> None:
         self.config, self.env, self.device, self.on_step = config, env, device, on_step
+        self.task = task if task is not None else DetectionTask()
         self.out = config.resolved_output_dir()
         self.main = env.is_main
 
     def _build(self) -> None:
-        import bioprop
-        from ..engine.loop import seed_everything
-        from ..models import create_model
-        from .coco import load_detection
-
+        """Build data → build model → build optimisation → wrap (restoring follows in :meth:`run`)."""
         config, env = self.config, self.env
         seed_everything(config.seed)
-        root = config.data_root or None
-        try:
-            train_set = load_detection(config.dataset, "train", root)
-            test_set = load_detection(config.dataset, "test", root)
-        except ValueError as err:
-            if isinstance(err, bioprop.data.DatasetError):
-                raise
-            raise ConfigError("dataset", str(err)) from None
-        if config.batch_size % env.world_size:
-            raise ConfigError("batch_size", f"the global batch of {config.batch_size} images must divide evenly "
-                                            f"over {env.world_size} processes")
-        try:
-            model = create_model(config.model, num_classes=train_set.num_classes, in_channels=3,
-                                 image_size=int(config.model_args.get("min_size", 800)), **config.model_args)
-        except (TypeError, ValueError) as err:
-            raise ConfigError("model_args", f"model_args of {config.model!r}: {err}") from None
-        try:
-            model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
-                                    **config.rule_options)
-        except ValueError as err:
-            raise ConfigError("rule", str(err)) from None
-        model.to(self.device)
-        self.model = model
-        rank_batch = config.batch_size // env.world_size
-        common = dict(min_size=model.min_size, max_size=model.max_size, seed=config.seed, rank=env.rank,
-                      world_size=env.world_size, num_workers=config.num_workers, device=self.device)
-        self.train_loader = DetectionLoader(train_set, rank_batch, train=True, flip=config.augment != "off",
-                                            **common)
-        self.test_loader = DetectionLoader(test_set, max(rank_batch, 8), train=False, **common)
+        data = self.task.build_data(config, env, self.device)
+        model = self.model = build_model(config, self.device, data.model_kwargs, None, rule_error_prefix=False)
+        self.task.add_loaders(data, model, config, env, self.device)
+        self.train_loader, self.test_loader = data.train_loader, data.test_loader
         self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch == 0:
-            raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set "
-                                            f"({len(train_set)} images)")
-        self.optimizer = build_optimizer(config, model)
-        self.train_model: nn.Module = model
-        if env.distributed:
-            self.train_model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimisation = build_optimisation(config, model, None)
+        self.optimizer = self.optimisation.optimizer
+        self.train_model = wrap_model(model, config, env, self.device)
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.history: list[dict[str, Any]] = []
 
@@ -91,7 +70,9 @@ class DetectionRun:
         return {"format": CHECKPOINT_FORMAT, "task": "detection", "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
                 "elapsed_s": self.elapsed, "history": [dict(h) for h in self.history], "rng": rng_state(),
-                "config": self.config.to_dict(), "log_bytes": self.log.tell()}
+                "config": self.config.to_dict(), "log_bytes": self.log.tell(),
+                **({"constraints": {c.name: c.state_dict() for c in self.optimisation.constraints}}
+                   if self.optimisation.constraints else {})}
 
     def run(self) -> dict[str, Any]:
         config, ckpt_path = self.config, self.out / "checkpoint.pt"
@@ -110,6 +91,8 @@ class DetectionRun:
         if checkpoint is not None:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+            for constraint in self.optimisation.constraints:
+                constraint.load_state_dict(checkpoint["constraints"][constraint.name])
             self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
             self.elapsed, self.history = float(checkpoint["elapsed_s"]), list(checkpoint["history"])
             set_rng_state(checkpoint["rng"])
@@ -117,7 +100,8 @@ class DetectionRun:
                               resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
         try:
             if self.main:
-                (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+                (self.out / "config.json").write_text(json.dumps(
+                    {**config.to_dict(), CODE_KEY: code_version()}, indent=2) + "\n")
             while self.epoch < config.epochs:
                 self._epoch(self.epoch + 1)
             return self._finish()
@@ -125,7 +109,6 @@ class DetectionRun:
             self.log.close()
 
     def _epoch(self, epoch: int) -> None:
-        from ..engine.loop import StepInfo, TrainingDiverged, epoch_seed, seed_everything
         config, env = self.config, self.env
         seed_everything(epoch_seed(config.seed, epoch, env.rank))
         self.train_loader.set_epoch(epoch)
@@ -137,14 +120,14 @@ class DetectionRun:
             if max_steps and i >= max_steps:
                 break
             lr = config.lr * lr_factor(config, self.step, self.steps_per_epoch)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.amp):
                 outputs = self.train_model(batch.images)  # (B, N, K), (B, N, 4)
             losses = self.model.loss(outputs, batch.targets, tuple(batch.images.shape[-2:]))
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            self.optimizer.step()
+            self.optimisation.step()  # optimizer step, then the constraints in their safe order
+            after_step(self.model, self.step)  # the rules' per-step work (weight mirrors learn B)
             self.step += 1
             sums += torch.stack([losses[k].detach().double() for k in ("loss", "loss_cls", "loss_box")]
                                 + [sums.new_tensor(1.0)])
@@ -193,7 +176,55 @@ class DetectionRun:
             "best_ap": max((h["ap"] for h in self.history if h["ap"] is not None), default=None),
             "final_test_error": None, "best_test_error": None,
             "wall_time_s": self.elapsed, "world_size": self.env.world_size, "output_dir": str(self.out),
+            CODE_KEY: code_version(),
         }
         if self.main:
             (self.out / "final.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
         return summary
+
+
+@register_task("detection", description="COCO-format boxes with a RetinaNet; COCO AP (docs/detection.md)")
+class DetectionTask(Task):
+    """Boxes and classes of the objects in an image (COCO-format data, a RetinaNet), scored by COCO AP."""
+
+    run_class = DetectionRun
+
+    def dataset_names(self) -> list[str]:
+        return list_datasets()
+
+    def model_names(self) -> list[str]:
+        return list_models("detection")
+
+    def build_data(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> TaskData:
+        """The train and test sets (their loaders follow in :meth:`add_loaders`, once the model is built: they
+        resize images as the model says)."""
+        root = config.data_root or None
+        try:
+            train_set = load_detection(config.dataset, "train", root)
+            test_set = load_detection(config.dataset, "test", root)
+        except ValueError as err:
+            if isinstance(err, DatasetError):
+                raise
+            raise ConfigError("dataset", str(err)) from None
+        rank_batch(config, env, what=f"batch of {config.batch_size} images")
+        model_kwargs = dict(num_classes=train_set.num_classes, in_channels=3,
+                            image_size=int(config.model_args.get("min_size", 800)))
+        return TaskData(None, None, None, model_kwargs, extra={"train_set": train_set, "test_set": test_set})
+
+    @staticmethod
+    def add_loaders(data: TaskData, model: Any, config: TrainConfig, env: dist_utils.DistEnv,
+                    device: torch.device) -> None:
+        """The per-rank loaders, resizing as ``model`` (a RetinaNet: ``min_size``, ``max_size``) says.
+
+        Raises:
+            ConfigError: a batch larger than the training set.
+        """
+        batch = config.batch_size // env.world_size
+        common = dict(min_size=model.min_size, max_size=model.max_size, seed=config.seed, rank=env.rank,
+                      world_size=env.world_size, num_workers=config.num_workers, device=device)
+        train_set = data.extra["train_set"]
+        data.train_loader = DetectionLoader(train_set, batch, train=True, flip=config.augment != "off", **common)
+        data.test_loader = DetectionLoader(data.extra["test_set"], max(batch, 8), train=False, **common)
+        if len(data.train_loader) == 0:
+            raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set "
+                                            f"({len(train_set)} images)")

@@ -24,13 +24,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import RESUMABLE_CHANGES, ConfigError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "rng_state", "set_rng_state",
            "check_same_run", "CheckpointError", "RunWarning", "state_digest"]
-
-#: options that may differ between an interrupted run and its resumption; every other one must match
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epochs", "progress", "verbose", "tensorboard", "num_workers",
-                               "data_root", "device", "eval_every", "log_every", "metrics_every",
-                               "output_dir"})  # the run directory is where the checkpoint is, not a setting
 
 #: the keys every engine checkpoint holds (checked on resume)
 RUN_KEYS = ("format", "model", "optimizer", "constraints", "epoch", "step", "elapsed_s", "best", "history", "rng",
@@ -236,7 +233,6 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], path: Path) -
     Raises:
         ConfigError: listing each differing key with both values.
     """
-    from .config import ConfigError
     changed = [k for k in current if k not in RESUMABLE_CHANGES and k in saved and saved[k] != current[k]
                and not (k == "lr" and current[k] < saved[k])]
     if changed:

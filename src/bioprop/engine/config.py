@@ -8,6 +8,8 @@ an error names the key, where its value came from and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import sys
 import typing
@@ -20,16 +22,20 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["TrainConfig", "ConfigError", "config_from_dict", "load_toml", "parse_override", "apply_override",
-           "OPTIMIZERS", "SCHEDULES", "LOSSES", "DEFAULT_MOMENTUM"]
+from ..optim import resolve_constraint_name
+from ..registry import Registry
+from ..rules import create_rule, resolve_rule_name, rule_options
+from .build import DEFAULT_MOMENTUM, LOSSES, OPTIMIZERS, SCHEDULES
+from .tasks import TASKS
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "bm")
-#: ``momentum`` when the config leaves it unset: plain RMSprop (nokland2016's optimizer) has none; adam/adamw
-#: ignore the key (they use their betas), so it keeps the value older runs stored for it
-DEFAULT_MOMENTUM = {"sgd": 0.9, "bm": 0.9, "rmsprop": 0.0, "adam": 0.9, "adamw": 0.9}
-SCHEDULES = ("none", "step", "multistep", "cosine", "halve_on_plateau")
-LOSSES = ("ce", "bce")
-TASKS = ("classification", "detection")
+__all__ = ["TrainConfig", "ConfigError", "config_from_dict", "load_toml", "parse_override", "apply_override",
+           "OPTIMIZERS", "SCHEDULES", "LOSSES", "TASKS", "DEFAULT_MOMENTUM", "RESUMABLE_CHANGES", "as_toml"]
+
+
+#: options that may differ between an interrupted run and its resumption; every other one must match
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epochs", "progress", "verbose", "tensorboard", "num_workers",
+                               "data_root", "device", "eval_every", "log_every", "metrics_every",
+                               "output_dir"})  # the run directory is where the checkpoint is, not a setting
 
 
 @dataclass
@@ -130,9 +136,6 @@ class ConfigError(ValueError):
 def settings_hash(config: TrainConfig) -> str:
     """8 hex digits of sha256 over the settings that differ from the defaults, leaving out those already in the
     default directory name and those that may change on resume; "" when there are none."""
-    import hashlib
-    import json
-    from .checkpoint import RESUMABLE_CHANGES
     skip = RESUMABLE_CHANGES | {"dataset", "model", "rule", "seed"}
     defaults, values = TrainConfig().to_dict(), config.to_dict()
     changed = {k: v for k, v in values.items() if k not in skip and v != defaults[k]}
@@ -144,7 +147,6 @@ def settings_hash(config: TrainConfig) -> str:
 def rule_options_of(config: TrainConfig) -> dict[str, Any]:
     """``config.rule_options`` as the rule takes them: ``"none"`` (which TOML and ``--set`` can write) becomes
     None for an option whose default is None (e.g. ``norm``)."""
-    from ..rules import rule_options
     defaults = rule_options(config.rule)
     return {k: (None if isinstance(v, str) and v.lower() == "none" and k in defaults and defaults[k] is None
                 else v) for k, v in config.rule_options.items()}
@@ -206,11 +208,14 @@ def check_values(config: TrainConfig) -> None:
     Raises:
         ConfigError: naming the key and the allowed values.
     """
-    from ..rules import create_rule, resolve_rule_name
-
-    def choice(key: str, allowed: tuple[str, ...] | list[str]) -> None:
+    def choice(key: str, allowed: tuple[str, ...] | Registry) -> None:
         value = getattr(config, key)
-        if value not in allowed:
+        if isinstance(allowed, Registry):  # the registry's canonical name, or its one-line unknown-name error
+            try:
+                setattr(config, key, allowed.resolve(value))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(key, str(err)) from None
+        elif value not in allowed:
             raise ConfigError(key, f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
 
     def positive(key: str, zero_ok: bool = False) -> None:
@@ -263,7 +268,6 @@ def check_values(config: TrainConfig) -> None:
             config.last_layer = resolve_rule_name(config.last_layer)
         except ValueError as err:
             raise ConfigError("last_layer", f"last_layer: {err}") from None
-    from ..optim import resolve_constraint_name
     for name in config.constraints:
         try:
             resolve_constraint_name(name)
@@ -274,17 +278,12 @@ def check_values(config: TrainConfig) -> None:
         if importlib.util.find_spec("tensorboard") is None:
             raise ConfigError("tensorboard", "tensorboard = true needs the tensorboard package: pip install "
                                              "tensorboard")
-    detection = config.task == "detection"
-    _check_registry("dataset", config.dataset, "bioprop.detection" if detection else "bioprop.data",
-                    "list_datasets", config.task)
-    _check_registry("model", config.model, "bioprop.models", "list_models", config.task, task_arg=True)
+    task = TASKS.create(config.task)
+    _check_name("dataset", config.dataset, task.dataset_names(), config.task)
+    _check_name("model", config.model, task.model_names(), config.task)
 
 
-def _check_registry(key: str, value: str, module: str, lister: str, task: str = "classification",
-                    task_arg: bool = False) -> None:
-    import importlib
-    list_names = getattr(importlib.import_module(module), lister)
-    names = list_names(task) if task_arg else list_names()
+def _check_name(key: str, value: str, names: list[str], task: str) -> None:
     if value not in names:
         what = f"{task} {key}" if task != "classification" else key
         raise ConfigError(key, f"unknown {what} {value!r}; allowed: {', '.join(names)}")
@@ -376,3 +375,14 @@ def apply_override(values: dict[str, Any], key: str, value: Any, source: str = "
         table = table.setdefault(part, {})
     table[parts[-1]] = value
 
+
+def as_toml(values: dict[str, Any]) -> str:
+    """A flat TOML rendering of a config dict (tables last, as TOML requires)."""
+    scalars, tables = [], []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            body = "".join(f"{k} = {json.dumps(v)}\n" for k, v in value.items())
+            tables.append(f"\n[{key}]\n{body}")
+        else:
+            scalars.append(f"{key} = {json.dumps(value)}\n")  # JSON's strings, numbers, bools, lists are TOML
+    return "".join(scalars) + "".join(tables)

@@ -1,11 +1,10 @@
-"""``train(config)``: data → model → convert → loss → step, with evaluation, checkpoints and logs.
-
-One epoch, per process::
+"""``train(config)``: the run's pipeline (:mod:`~bioprop.engine.pipeline`: build data → build model → build
+optimisation → restore → wrap), then the loop, with evaluation, checkpoints and logs. One epoch, per process::
 
     reseed(seed, epoch, rank); loader.set_epoch(epoch)         # order and randomness depend on (seed, epoch)
     for x, y in loader:                                         # x (B/N, C, H, W) on device, y (B/N,)
         lr = config.lr * lr_factor(step)                        # pure function of the step
-        loss = loss_fn(model(x), y); loss.backward(); optimizer.step(); constraints()
+        loss = loss_fn(model(x), y); loss.backward(); optimizer.step(); constraints(); rules' after-step
     evaluate → "epoch" record → best.pt → checkpoint.pt (atomic)
 
 Because everything random is a function of ``(seed, epoch, rank)`` and every other piece of state is in the
@@ -16,34 +15,36 @@ from __future__ import annotations
 import gc
 import json
 import math
-import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .. import metrics
+from ..rules import after_step
 from . import distributed as dist_utils
-from .build import build_loss, build_optimizer, lr_factor
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
-from .config import ConfigError, TrainConfig, check_values, rule_options_of
+from .build import lr_factor
+from .config import TrainConfig, check_values
 from .evaluation import RunningSums, evaluate
+from .pipeline import (build_model, build_optimisation, epoch_seed, seed_everything, set_lr,
+                       wrap_model)
 from .plateau import PlateauHalving
-from .rundir import (RunLock, check_output_dir, divergence_advice, make_output_dir, remove_run_files,
-                     resume_checkpoint, run_files)
+from .provenance import CODE_KEY, code_version
+from .rundir import (RunLock, check_output_dir, divergence_advice, make_output_dir, refuse_existing,
+                     remove_run_files, resume_checkpoint)
 from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
+from .state import CHECKPOINT_FORMAT, restore_run, save_run
+from .tasks import Task, create_task
 
-__all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT", "LAYERS_LOG"]
+__all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT", "LAYERS_LOG", "Run",
+           "seed_everything", "epoch_seed"]
 
 #: the side file of ``metrics.jsonl`` holding the per-layer values of each analysis record
 LAYERS_LOG = "metrics_layers.jsonl"
-
-#: bumped when the checkpoint layout changes incompatibly
-CHECKPOINT_FORMAT = 1
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,8 +87,8 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
     dist_utils.setup(env, device)
     run: Any = None
     try:
-        run = _Run(config, env, device, on_step) if config.task == "classification" else \
-            task_run(config.task)(config, env, device, on_step)
+        task = create_task(config.task)
+        run = (task.run_class or Run)(config, env, device, on_step, task)
         return run.run()
     finally:
         del run
@@ -99,33 +100,19 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
             dist_utils.teardown(env)
 
 
-def task_run(task: str) -> Any:
-    """The run class of a non-classification ``task`` (same constructor and ``run()`` as the classification
-    run); the hook through which ``train`` reaches :mod:`bioprop.detection`."""
-    if task == "detection":
-        from ..detection.engine import DetectionRun
-        return DetectionRun
-    raise ConfigError("task", f"unknown task {task!r}; allowed: classification, detection")
+class Run:
+    """The state of one training run; :meth:`run` is the whole of it.
 
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), NumPy and Python's ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A well-mixed seed for one epoch of one process, a function of ``(seed, epoch, rank)`` only."""
-    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-class _Run:
-    """The state of one training run; :meth:`run` is the whole of it."""
+    The set-up is a short pipeline of named steps (:meth:`_build`): build data (the task's), build model,
+    build optimisation, restore; :meth:`_wrap` follows once every rank has passed its checks. The task
+    (:class:`~bioprop.engine.tasks.Task`, e.g. the classification task) supplies the data, the loss, the
+    forward pass of a step, the evaluation and the analysis records.
+    """
 
     def __init__(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device,
-                 on_step: Callable[[StepInfo], None] | None) -> None:
+                 on_step: Callable[[StepInfo], None] | None, task: Task) -> None:
         self.config, self.env, self.device, self.on_step = config, env, device, on_step
+        self.task: Any = task  # the loop's parts of the task (see bioprop.engine.classification for them)
         self.out = config.resolved_output_dir()
         self.main = env.is_main
         self.lock = RunLock(self.out)
@@ -149,16 +136,10 @@ class _Run:
             if not self.lock.held:
                 self.lock.acquire()
                 if not config.overwrite:
-                    self._refuse_existing()  # another run may have started here while this one was built
+                    refuse_existing(self.out)  # another run may have started here while this one was built
             if config.overwrite:
                 remove_run_files(self.out)
         return checkpoint
-
-    def _refuse_existing(self) -> None:
-        found = run_files(self.out)
-        if found:
-            raise ConfigError("output_dir", f"{self.out} already holds a run ({', '.join(found)}); pass --resume "
-                                            "to continue it, --overwrite to start over, or another --output-dir")
 
     def _prepare_output(self) -> dict[str, Any] | None:
         """Check the run directory and load the checkpoint to resume; None for a fresh run."""
@@ -170,78 +151,33 @@ class _Run:
             self.good_checkpoint = path if "digest" in checkpoint else None
             return checkpoint
         if self.main and not config.overwrite:
-            self._refuse_existing()
+            refuse_existing(self.out)
         return None
 
     def _build(self, checkpoint: dict[str, Any] | None) -> None:
-        import bioprop
-        from ..data import DatasetError, create_loader, load_dataset
-        from ..models import create_model
-        from ..optim import create_constraint
-
-        config, env, device = self.config, self.env, self.device
+        """Build data → build model → build optimisation → restore (the checkpoint, when resuming)."""
+        config = self.config
         if config.deterministic:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         seed_everything(config.seed)
-
-        root = config.data_root or None
-        try:
-            split_train = load_dataset(config.dataset, split="train", root=root, val_size=config.val_size)
-            split_test = load_dataset(config.dataset, split="test", root=root, val_size=config.val_size)
-            split_val = (load_dataset(config.dataset, split="val", root=root, val_size=config.val_size)
-                         if config.val_size > 0 else None)
-        except DatasetError:
-            raise
-        except ValueError as err:  # a bad data option (val_size too large ...), not missing data
-            raise ConfigError("val_size" if "val_size" in str(err) else "dataset", str(err)) from None
-        num_classes, in_channels, image_size = _dataset_shape(split_train)
-        self.num_classes = num_classes
-
-        if config.batch_size % env.world_size:
-            raise ConfigError("batch_size", f"the global batch {config.batch_size} must divide evenly over "
-                                            f"{env.world_size} processes")
-        self.rank_batch = config.batch_size // env.world_size
-        augment = {"auto": None, "on": True, "off": False}[config.augment]
-        common = dict(device=device, seed=config.seed, rank=env.rank, world_size=env.world_size,
-                      num_workers=config.num_workers)
-        self.train_loader = create_loader(split_train, self.rank_batch, train=True, augment=augment, **common)
-        eval_batch = max(self.rank_batch, 256)
-        self.test_loader = create_loader(split_test, eval_batch, train=False, **common)
-        self.val_loader = (create_loader(split_val, eval_batch, train=False, **common)
-                           if split_val is not None else None)
+        data = self.data = self.task.build_data(config, self.env, self.device)
+        self.train_loader, self.test_loader, self.val_loader = data.train_loader, data.test_loader, data.val_loader
+        self.num_classes = data.num_classes
         self.steps_per_epoch = len(self.train_loader)
-        if self.steps_per_epoch == 0:
-            raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set")
         if config.max_steps:  # the schedule and the step counter see the capped epoch as a whole epoch
             self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps)
+        self.model = build_model(config, self.device, data.model_kwargs, data.example_input)
+        self.optimisation = build_optimisation(config, self.model, self.task.loss(config, data))
+        self.constraints, self.optimizer = self.optimisation.constraints, self.optimisation.optimizer
+        self.loss_fn = self.optimisation.loss_fn
+        self._init_progress()
+        if checkpoint is not None:
+            restore_run(self, checkpoint)
 
-        try:
-            model = create_model(config.model, num_classes=num_classes, in_channels=in_channels,
-                                 image_size=image_size, **config.model_args)
-        except (TypeError, ValueError) as err:  # an unknown or bad keyword in model_args
-            raise ConfigError("model_args", f"model_args of {config.model!r}: {err}") from None
-        try:
-            model = bioprop.convert(model, config.rule, seed=config.seed, last_layer=config.last_layer or None,
-                                    **rule_options_of(config))
-            model.to(device)
-            if config.channels_last:
-                model.to(memory_format=torch.channels_last)
-            # State that depends on the model's output (direct feedback's D matrices) is drawn now, before a
-            # checkpoint is loaded and before DDP registers the buffers; a no-op for most rules.
-            bioprop.prepare(model, torch.zeros(2, in_channels, image_size, image_size, device=device))
-        except ValueError as err:  # a rule that cannot apply to this model or this last_layer
-            key = "last_layer" if config.last_layer and "last_layer" in str(err) else "rule"
-            raise ConfigError(key, f"rule {config.rule!r} on model {config.model!r}: {err}") from None
-        self.model = model
-        try:
-            self.constraints = [create_constraint(name, model) for name in config.constraints]
-        except ValueError as err:  # e.g. constant_norm on zero-initialised weights
-            raise ConfigError("constraints", f"constraints: {err}") from None
-        self.optimizer = build_optimizer(config, model)
-        self.loss_fn = build_loss(config.loss, num_classes)
-        self.after_step = bioprop.after_step
-
+    def _init_progress(self) -> None:
+        """The counters and records of a fresh run (a checkpoint then overwrites them)."""
+        config = self.config
         self.epoch, self.step, self.elapsed = 0, 0, 0.0
         self.loss_reference: float | None = None  # the first logged training loss (divergence_factor)
         self.divergence_warned = False
@@ -250,53 +186,10 @@ class _Run:
         self.history: list[dict[str, Any]] = []
         self.plateau = (PlateauHalving(config.plateau_smoothing, config.plateau_halvings, config.plateau_stop_error)
                         if config.schedule == "halve_on_plateau" else None)
-        if checkpoint is not None:
-            self._restore(checkpoint)
 
     def _wrap(self) -> None:
         """DDP and ``torch.compile`` around the model (after every rank has passed its checks)."""
-        config, env, device, model = self.config, self.env, self.device, self.model
-        wrapped: nn.Module = model
-        if env.distributed:
-            wrapped = nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        if config.compile:
-            wrapped = torch.compile(wrapped)
-        self.train_model = wrapped
-
-    def _restore(self, checkpoint: dict[str, Any]) -> None:
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        for constraint in self.constraints:
-            constraint.load_state_dict(checkpoint["constraints"][constraint.name])
-        self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
-        self.elapsed = float(checkpoint["elapsed_s"])
-        self.best = dict(checkpoint["best"])
-        self.history = [dict(h) for h in checkpoint["history"]]
-        set_rng_state(checkpoint["rng"])
-        if self.plateau is not None:
-            self.plateau.load_state_dict(checkpoint["plateau"])
-        self.loss_reference = checkpoint.get("loss_reference")  # absent in older checkpoints: set it again
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": {"name": self.config.schedule, "step": self.step, "steps_per_epoch": self.steps_per_epoch},
-            "constraints": {c.name: c.state_dict() for c in self.constraints},
-            "epoch": self.epoch,
-            "step": self.step,
-            "elapsed_s": self.elapsed,
-            "best": dict(self.best),
-            "history": [dict(h) for h in self.history],
-            "rng": rng_state(),
-            "config": self.config.to_dict(),
-            "log_bytes": self.log.tell(),
-            **({"plateau": self.plateau.state_dict()} if self.plateau is not None else {}),
-            "loss_reference": self.loss_reference,
-            "layer_log_bytes": self.layer_log.tell(),
-        }
+        self.train_model = wrap_model(self.model, self.config, self.env, self.device)
 
     # ------------------------------------------------------------------------------------------ the run
 
@@ -323,7 +216,8 @@ class _Run:
                                      purge_step=self.step if checkpoint is not None else None)
             try:
                 if self.main:
-                    (self.out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+                    (self.out / "config.json").write_text(json.dumps(
+                        {**config.to_dict(), CODE_KEY: code_version()}, indent=2) + "\n")
                 if checkpoint is not None:
                     self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
                                  "checkpoint": str(self.resumed_from)})
@@ -345,7 +239,6 @@ class _Run:
         self.tb.record(record)
 
     def _train_epoch(self, epoch: int) -> None:
-        from ..optim import apply_constraints
         config, env, device = self.config, self.env, self.device
         # Dropout, augmentation and shuffling draw from here: a function of (seed, epoch, rank) only, so a
         # resumed epoch repeats the interrupted one exactly.
@@ -354,28 +247,21 @@ class _Run:
         self.train_model.train()
         read_every = config.log_every or 50  # also how often NaN/inf is looked for
         totals = [0.0, 0.0, 0.0]  # loss·n, correct, n over the epoch, all processes
-        window = RunningSums(device, self.step)
+        window = self.task.new_window(device, self.step)
         bar = progress(self.train_loader, enabled=config.progress and self.main, total=self.steps_per_epoch,
                        desc=f"epoch {epoch}/{config.epochs}")
         start = time.perf_counter()
         lr = config.lr
-        for batch_index, (x, y) in enumerate(bar):
-            # x: (B/N, C, H, W) normalised on device; y: (B/N,) int64
+        for batch_index, batch in enumerate(bar):
             lr = config.lr * lr_factor(config, self.step, self.steps_per_epoch)
             if self.plateau is not None:
                 lr *= self.plateau.factor
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            if config.channels_last and x.dim() == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-                logits = self.train_model(x)  # (B/N, K)
-            loss = self.loss_fn(logits, y)
+            set_lr(self.optimizer, lr)
+            loss, logits, x, y = self.task.forward(self.train_model, self.loss_fn, batch, config, device)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            self.optimizer.step()
-            apply_constraints(self.constraints)  # sign projections before rescaling, so both hold exactly
-            self.after_step(self.model, self.step)  # the rules' per-step work (weight mirrors learn B)
+            self.optimisation.step()  # optimizer step, then the constraints in their safe order
+            after_step(self.model, self.step)  # the rules' per-step work (weight mirrors learn B)
             self.step += 1
             window.add(loss, logits, y)
             if self.step % read_every == 0:
@@ -447,23 +333,10 @@ class _Run:
                 print(f"bioprop: warning: {message}", file=sys.stderr, flush=True)
 
     def _analysis(self, epoch: int, x: Tensor, y: Tensor) -> None:
-        """Record ``bioprop.metrics.training_metrics`` on the current batch, with the time it took: the per-layer
-        values go to ``metrics_layers.jsonl``, their summary (mean/min/max over layers) to ``metrics.jsonl``."""
-        from .. import metrics
-        fn = getattr(metrics, "training_metrics", None)
-        if fn is None:
-            return
+        """The task's analysis record of the current batch."""
         self.analysed_step = self.step
-        start = time.perf_counter()
-        values = fn(self.model, x, y, self.loss_fn)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
-        values = jsonable(values)
-        head = {"kind": "analysis", "epoch": epoch, "step": self.step}
-        self.layer_log.write({**head, "metrics": values})
-        self.log.write({**head, "time_s": seconds, "summary": metrics.summarize_metrics(values)})
-        self.tb.record({**head, "metrics": values})
+        self.task.analysis(self.model, x, y, self.loss_fn, {"kind": "analysis", "epoch": epoch, "step": self.step},
+                           self.device, self.log, self.layer_log, self.tb)
 
     def _end_epoch(self, epoch: int, totals: list[float], train_time: float) -> None:
         config = self.config
@@ -474,16 +347,9 @@ class _Run:
                                   "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
         eval_start = time.perf_counter()
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            kwargs = dict(device=self.device, amp=config.amp, channels_last=config.channels_last, env=self.env)
-            test = evaluate(self.model, self.test_loader, self.loss_fn, **kwargs)
-            record.update(test_loss=test["loss"], test_acc=test["acc"], test_top5=test["top5"],
-                          test_error=test["error"])
-            if self.val_loader is not None:
-                val = evaluate(self.model, self.val_loader, self.loss_fn, **kwargs)
-                record.update(val_loss=val["loss"], val_acc=val["acc"], val_top5=val["top5"],
-                              val_error=val["error"])
+            record.update(self.task.evaluate(self.model, self.data, self.loss_fn, config, self.device, self.env))
         else:
-            record.update(test_loss=None, test_acc=None, test_top5=None, test_error=None)
+            record.update(self.task.skipped_evaluation())
         eval_time = time.perf_counter() - eval_start
         record.update(epoch_time_s=train_time, eval_time_s=eval_time,
                       lr=self.optimizer.param_groups[0]["lr"])
@@ -506,16 +372,9 @@ class _Run:
         if improved:
             self.best = {"error": selected, "epoch": epoch, "test_error": record["test_error"]}
         if self.main:
-            state = self._checkpoint_state()
-            # best.pt first: a kill between the two files resumes from the previous epoch and rewrites both.
-            if improved:
-                save_checkpoint(state, self.out / "best.pt")
-            save_checkpoint(state, self.out / "checkpoint.pt",
-                            previous=self.out / "checkpoint.prev.pt" if self.keep_previous else None)
-            self.keep_previous, self.good_checkpoint = True, self.out / "checkpoint.pt"
+            save_run(self, best=improved)
 
     def _finish(self) -> dict[str, Any]:
-        from .. import metrics
         config = self.config
         errors = [h["test_error"] for h in self.history if h["test_error"] is not None]
         summary: dict[str, Any] = {
@@ -530,22 +389,10 @@ class _Run:
             "wall_time_s": self.elapsed,
             "world_size": self.env.world_size,
             "output_dir": str(self.out),
+            CODE_KEY: code_version(),
         }
         if self.plateau is not None:
             summary["stop_reason"] = self.plateau.stop_reason or f"reached epochs = {config.epochs}"
         if self.main:
             (self.out / "final.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
         return summary
-
-
-# ---------------------------------------------------------------------------------------------- internals
-
-
-def _dataset_shape(dataset: Any) -> tuple[int, int, int]:
-    """``(num_classes, in_channels, image_size)`` of a data set (an in-memory set or a torch Dataset)."""
-    num_classes = int(dataset.num_classes)
-    images = getattr(dataset, "images", None)
-    if images is not None:  # (N, C, H, W)
-        return num_classes, int(images.shape[1]), int(images.shape[-1])
-    x = dataset[0][0]  # (C, H, W)
-    return num_classes, int(x.shape[0]), int(x.shape[-1])

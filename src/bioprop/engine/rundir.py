@@ -19,7 +19,7 @@ from .checkpoint import CheckpointError, RunWarning, check_same_run, load_run_ch
 from .config import ConfigError, TrainConfig
 
 __all__ = ["RUN_FILES", "LOCK_NAME", "run_files", "check_output_dir", "make_output_dir", "remove_run_files",
-           "RunLock", "resume_checkpoint", "divergence_advice"]
+           "RunLock", "resume_checkpoint", "divergence_advice", "refuse_existing"]
 
 #: every file a run writes; any of them present means the directory already holds a run
 RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "final.json", "metrics.jsonl", "metrics_layers.jsonl",
@@ -30,6 +30,18 @@ LOCK_NAME = "run.lock"
 def run_files(out: Path) -> list[str]:
     """The names of :data:`RUN_FILES` present in ``out``."""
     return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def refuse_existing(out: Path) -> None:
+    """Refuse a run directory that already holds a run.
+
+    Raises:
+        ConfigError: naming the run files found and the ways on (``--resume``, ``--overwrite``, another directory).
+    """
+    found = run_files(out)
+    if found:
+        raise ConfigError("output_dir", f"{out} already holds a run ({', '.join(found)}); pass --resume "
+                                        "to continue it, --overwrite to start over, or another --output-dir")
 
 
 def check_output_dir(out: Path) -> None:

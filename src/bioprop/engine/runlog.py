@@ -6,32 +6,18 @@ Only the main process writes; on the other ranks these objects exist but do noth
 from __future__ import annotations
 
 import json
-import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
-import numpy as np
-from torch import Tensor
+from ..metrics.training import jsonable
+from .checkpoint import RunWarning
+from .config import ConfigError
 
 __all__ = ["MetricsLog", "TensorBoardLog", "progress", "read_records", "jsonable", "epoch_line", "LogError"]
 
 T = TypeVar("T")
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` ready for strict JSON: tensors and NumPy values become Python numbers or lists, and NaN/inf
-    (which JSON cannot hold) become null."""
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, (Tensor, np.ndarray, np.generic)):
-        return jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def epoch_line(record: dict[str, Any], epochs: int) -> str:
@@ -95,7 +81,6 @@ class MetricsLog:
 
 
 def _warn(message: str) -> None:
-    from .checkpoint import RunWarning
     warnings.warn(message, RunWarning, stacklevel=3)
 
 
@@ -170,7 +155,6 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            from .config import ConfigError
             raise ConfigError("tensorboard", "tensorboard = true needs the tensorboard package: pip install "
                                              "tensorboard") from None
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

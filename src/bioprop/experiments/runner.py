@@ -207,8 +207,7 @@ def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
     diverged, not implemented and data-less cells get no command. Running the commands in any order, on any
     machines sharing the output directory, then ``bioprop reproduce NAME --collect`` gives the table.
     """
-    from ..cli import _as_toml
-    from ..engine.config import load_toml
+    from ..engine.config import as_toml, load_toml
 
     commands = []
     for cell, seed, state in pending_runs(plan):
@@ -216,7 +215,7 @@ def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
         config = run_config(plan, cell, seed, progress=False).to_dict()
         path.mkdir(parents=True, exist_ok=True)
         toml_path = path / "train.toml"
-        toml_path.write_text(_as_toml(config))
+        toml_path.write_text(as_toml(config))
         if load_toml(toml_path) != config:  # the writer is flat; refuse a config it cannot express
             raise ExperimentError(f"cell {cell.id}: its config cannot be written as a flat TOML file")
         resume = " --resume" if state.state == "interrupted" else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -92,15 +93,15 @@ def summarize_metrics(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def jsonable(value: Any) -> Any:
-    """``value`` with NaN/inf floats replaced by None and tensors/NumPy scalars turned into Python numbers, so
-    that ``json.dumps`` writes strict JSON."""
+    """``value`` ready for strict JSON: tensors and NumPy arrays and scalars become Python numbers or lists, and
+    NaN/inf (which JSON cannot hold) become null. The one such helper: run logs and ``final.json`` use it too."""
     if isinstance(value, dict):
         return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         return jsonable(value.tolist())
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # other array-like scalars
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -12,7 +12,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from . import register_model
+from .registry import register_model
 
 __all__ = ["alexnet", "alexnet_bn"]
 

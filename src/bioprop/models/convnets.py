@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from . import register_model
+from .registry import register_model
 from .mlp import _check_rate, activation_module, zero_init_
 
 __all__ = ["nokland_convnet", "lenet", "small_convnet", "tf_cifar10", "CropInput", "LENET_VARIANTS"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import register_model
+from .registry import register_model
 
 __all__ = ["mlp", "ACTIVATIONS"]
 

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import register_model
+from .registry import register_model
 
 __all__ = ["BasicBlock", "Bottleneck", "PadShortcut", "cifar_resnet", "imagenet_resnet"]
 

@@ -10,9 +10,10 @@ Examples::
     >>> constraints = [FixedSign(net), ConstantNorm(net)]
     >>> net(torch.randn(16, 4)).square().mean().backward(); opt.step(); apply_constraints(constraints)
 """
-from .constraints import (ConstantNorm, Constraint, FixedSign, apply_constraints, create_constraint,
-                          list_constraints, resolve_constraint_name)
+from .constraints import (CONSTRAINTS, ConstantNorm, Constraint, FixedSign, apply_constraints, create_constraint,
+                          describe_constraints, list_constraints, resolve_constraint_name)
 from .manhattan import BatchManhattan, manhattan_param_groups
 
 __all__ = ["BatchManhattan", "manhattan_param_groups", "Constraint", "ConstantNorm", "FixedSign",
-           "apply_constraints", "create_constraint", "list_constraints", "resolve_constraint_name"]
+           "apply_constraints", "create_constraint", "list_constraints", "resolve_constraint_name",
+           "describe_constraints", "CONSTRAINTS"]

@@ -13,10 +13,11 @@ from typing import Any, ClassVar, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from ..registry import Registry
 from ._select import Selector, WEIGHT_LAYER_TYPES, as_selector, check_all_used, matches, weight_layers
 
 __all__ = ["Constraint", "ConstantNorm", "FixedSign", "apply_constraints", "create_constraint", "list_constraints",
-           "resolve_constraint_name"]
+           "resolve_constraint_name", "describe_constraints", "CONSTRAINTS"]
 
 
 class Constraint(ABC):
@@ -233,13 +234,22 @@ def apply_constraints(constraints: Iterable[Constraint]) -> None:
         constraint()
 
 
-_CONSTRAINTS: dict[str, type[Constraint]] = {"constant_norm": ConstantNorm, "fixed_sign": FixedSign}
-_ALIASES = {"const": "constant_norm", "ei": "fixed_sign", "e/i": "fixed_sign"}
+#: every constraint by name: ``create_constraint(name, model, include=..., exclude=...)``
+CONSTRAINTS: Registry[type[Constraint]] = Registry("constraint", positional=1)
+CONSTRAINTS.add("constant_norm", ConstantNorm, aliases=("const",),
+                description="Const. (moskovitz2018): each layer's weight keeps its initial Frobenius norm")
+CONSTRAINTS.add("fixed_sign", FixedSign, aliases=("ei", "e/i"),
+                description="E/I (moskovitz2018): each forward weight keeps the sign it started with")
 
 
 def list_constraints() -> list[str]:
     """Names accepted by :func:`create_constraint`."""
-    return list(_CONSTRAINTS)
+    return CONSTRAINTS.names()
+
+
+def describe_constraints() -> list[tuple[str, str]]:
+    """``(name, one-line description)`` of every constraint."""
+    return CONSTRAINTS.describe()
 
 
 def resolve_constraint_name(name: str) -> str:
@@ -248,12 +258,9 @@ def resolve_constraint_name(name: str) -> str:
     Raises:
         ValueError: for an unknown name, listing the allowed ones.
     """
-    key = str(name).strip().lower().replace("-", "_") if isinstance(name, str) else None
-    key = _ALIASES.get(key, key) if key is not None else None
-    if key not in _CONSTRAINTS:
-        allowed = ", ".join(list(_CONSTRAINTS) + [f"{a} (= {n})" for a, n in _ALIASES.items()])
-        raise ValueError(f"unknown constraint {name!r}; allowed: {allowed}")
-    return key
+    if not isinstance(name, str):
+        raise ValueError(f"unknown constraint {name!r}; {CONSTRAINTS.allowed_word}: {CONSTRAINTS.allowed()}")
+    return CONSTRAINTS.resolve(name)
 
 
 def create_constraint(name: str, model: nn.Module, **options: Any) -> Constraint:
@@ -262,12 +269,7 @@ def create_constraint(name: str, model: nn.Module, **options: Any) -> Constraint
     Raises:
         ValueError: for an unknown name (listing the allowed ones) or option.
     """
-    key = resolve_constraint_name(name)
-    unknown = sorted(set(options) - {"include", "exclude"})
-    if unknown:
-        raise ValueError(f"constraint {key!r} has no option(s) {', '.join(map(repr, unknown))}; "
-                         "allowed options: include, exclude")
-    return _CONSTRAINTS[key](model, **options)
+    return CONSTRAINTS.create(resolve_constraint_name(name), model, **options)
 
 
 def _param_name(layer_name: str) -> str:

@@ -12,7 +12,7 @@ Examples::
 """
 from __future__ import annotations
 
-from .. import register_model
+from ..registry import register_model
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, batched_nms, box_iou, nms, torchvision_nms_available
 from .losses import match_anchors, retinanet_loss, sigmoid_focal_loss, smooth_l1
