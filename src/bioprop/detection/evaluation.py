@@ -89,6 +89,7 @@ def evaluate_detector(model: nn.Module, loader: DetectionLoader, *, amp: bool = 
         The :func:`coco_ap` values plus ``detections`` (boxes scored) and ``images_detected`` (images with at
         least one box), both over all ranks.
     """
+    dist_utils.sync_buffers(model, env)  # every rank scores rank 0's model (its BN statistics included)
     model.eval()
     dataset: CocoDetection = loader.dataset
     results: list[dict[str, Any]] = []

@@ -15,7 +15,8 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["DistEnv", "detect", "setup", "teardown", "choose_device", "all_reduce_sum", "first_error"]
+__all__ = ["DistEnv", "detect", "setup", "teardown", "choose_device", "all_reduce_sum", "sync_buffers",
+           "broadcast_object", "first_error"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,19 @@ def all_reduce_sum(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
         values = values.clone()
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def sync_buffers(model: torch.nn.Module, env: DistEnv) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, ...) to every process.
+
+    DDP sends rank 0's buffers at the start of each training forward, but that forward then updates each rank's
+    running statistics from its own batch. Called before evaluation, this makes every rank score the model that
+    rank 0 checkpoints, so a sharded evaluation is the evaluation of one model.
+    """
+    if not env.distributed:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
 
 
 def broadcast_object(value: object, env: DistEnv) -> object:

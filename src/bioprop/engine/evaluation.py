@@ -21,6 +21,7 @@ def evaluate(model: nn.Module, loader: Any, loss_fn: LossFn, *, device: torch.de
     Returns:
         ``{"loss", "acc", "top5", "error"}``: mean loss, accuracies as fractions, top-1 error in %.
     """
+    dist_utils.sync_buffers(model, env)  # every rank scores rank 0's model (its BN statistics included)
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss·n, correct@1, correct@5
     count = 0
