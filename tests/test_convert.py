@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import bioprop
-from bioprop.layers import FeedbackConv2d, FeedbackLinear
+from bioprop.layers import FeedbackConv2d, FeedbackLinear, layer_feedback
 
 
 class Custom(nn.Module):
@@ -209,3 +209,22 @@ def test_aliased_layer_under_sham_equals_native_and_exclusion_by_alias() -> None
     assert ("a", "Linear", "excluded") in bioprop.conversion_summary(kept).kept
     back = bioprop.convert(bioprop.convert(Aliased(), "usf"), "backprop")
     assert type(back.a) is nn.Linear and back.b is back.a
+
+
+def test_layer_feedback_is_the_one_accessor_of_the_b_a_layer_uses() -> None:
+    """``layer_feedback``: None for exact layers, the rule's B otherwise (no copy, no side effect);
+    ``feedback_weights`` copies it (W where exact) and lists no inactive direct-feedback marker."""
+    torch.manual_seed(0)
+    plain, exact = nn.Linear(3, 2), FeedbackLinear(3, 2, rule="backprop")
+    fa, usf = FeedbackLinear(3, 2, rule="fa", seed=1), FeedbackLinear(3, 2, rule="usf")
+    assert layer_feedback(plain) is None and layer_feedback(exact) is None
+    b = layer_feedback(fa)
+    assert b is not None and b.data_ptr() == fa.feedback_weight.data_ptr() and not b.requires_grad
+    np.testing.assert_array_equal(np.sign(layer_feedback(usf).numpy()), np.sign(usf.weight.detach().numpy()))
+    net = nn.Sequential(plain, exact, fa, usf, bioprop.direct.DirectFeedback())
+    weights = bioprop.feedback_weights(net)
+    assert list(weights) == ["1", "2", "3"]  # the plain layer and the marker (never converted) are not listed
+    torch.testing.assert_close(weights["1"], exact.weight.detach(), rtol=0, atol=0)
+    for name, layer in (("2", fa), ("3", usf)):
+        torch.testing.assert_close(weights[name], layer_feedback(layer), rtol=0, atol=0)
+        assert weights[name].data_ptr() != layer_feedback(layer).data_ptr()  # a copy

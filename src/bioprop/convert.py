@@ -15,8 +15,9 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
-from .layers import FEEDBACK_TYPES, FeedbackLayer, init_feedback_state
-from .rules import LayerRule, create_rule, register_layer_conversion, remove_model_rules, reset_model_rules
+from .layers import FEEDBACK_TYPES, FeedbackLayer, init_feedback_state, layer_feedback
+from .rules import (LayerRule, create_rule, model_rule, register_layer_conversion, remove_model_rules,
+                    reset_model_rules)
 from .selection import (SUPPORTED_NAMES, ConversionSummary, all_names, as_exclude_list, conversion_summary,
                         is_excluded, native_type, output_layer_names, scan, set_conversion_summary)
 
@@ -67,11 +68,19 @@ def convert(model: nn.Module, rule: str, *, seed: int = 0, exclude: Iterable[str
 def feedback_weights(model: nn.Module) -> dict[str, Tensor]:
     """``{layer name: the feedback weight that layer uses now}``; detached copies, computed without side effects.
 
-    Per-layer rules give ``B`` with ``W``'s shape (``W`` itself for exact layers left as feedback layers with the
-    backprop rule). Direct rules give each marker's projection matrix.
+    Per-layer rules give ``B`` with ``W``'s shape (:func:`bioprop.layers.layer_feedback`; ``W`` itself where a
+    feedback layer runs the native op). Direct rules give each marker's matrix (their ``feedback_weights`` hook).
     """
-    return {name: module.current_feedback() for name, module in model.named_modules()
-            if hasattr(module, "current_feedback")}
+    out: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FeedbackLayer):
+            feedback = layer_feedback(module)
+            out[name] = (module.weight if feedback is None else feedback).detach().clone()
+        root_rule = model_rule(module)
+        if root_rule is not None:
+            prefix = f"{name}." if name else ""
+            out.update({prefix + key: value for key, value in root_rule.feedback_weights(module).items()})
+    return out
 
 
 @torch.no_grad()

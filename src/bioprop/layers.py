@@ -16,7 +16,7 @@ from .learned import track_learned_feedback
 from .rules import LayerRule, create_rule, make_generator
 
 __all__ = ["FeedbackLayer", "FeedbackLinear", "FeedbackConv1d", "FeedbackConv2d", "FeedbackConv3d",
-           "init_feedback_state"]
+           "init_feedback_state", "layer_feedback"]
 
 
 @torch.compiler.disable
@@ -117,15 +117,26 @@ class FeedbackLayer:
                 container[key] = tensor
         self.__dict__["_feedback_pending"] = False
 
-    @torch.no_grad()
-    def current_feedback(self) -> Tensor:
-        """The B this layer sends its error through now (``W`` itself for backprop), detached, same shape as W."""
-        b = self.rule.feedback_weight(self)  # type: ignore[arg-type]
-        return (self.weight if b is None else b).detach().clone()
-
     def extra_repr(self) -> str:  # type: ignore[override]
         options = ", ".join(f"{k}={v!r}" for k, v in self.rule.options().items())
         return f"{super().extra_repr()}, rule={self.rule.name!r}" + (f", {options}" if options else "")  # type: ignore[misc]
+
+
+@torch.no_grad()
+def layer_feedback(layer: nn.Module) -> Tensor | None:
+    """The ``B`` ``layer`` sends its error through now, or None when the layer is exact (``B = W`` through the
+    native op: a plain ``nn.Linear``/``nn.Conv*``, or a feedback layer whose rule runs the native op now).
+
+    The one accessor of a layer's current feedback weight; :func:`bioprop.feedback_weights` and
+    :mod:`bioprop.metrics` read it. It asks the rule's ``feedback_weight`` without side effects (no redraw).
+
+    Returns:
+        ``B`` detached (not a copy), shape of ``layer.weight``; or None.
+    """
+    if not isinstance(layer, FeedbackLayer):
+        return None
+    feedback = layer.rule.feedback_weight(layer)  # type: ignore[arg-type]
+    return None if feedback is None else feedback.detach()
 
 
 def _feedback_entries(layer: nn.Module) -> list[str]:

@@ -195,6 +195,27 @@ class Controller:
             d.copy_(draw_direct_feedback(d.shape[0], d.shape[1], self.rule.scale,  # type: ignore[attr-defined]
                                          self.seed, marker.feedback_name))
 
+    @torch.no_grad()
+    def feedback_weights(self) -> dict[str, Tensor]:
+        """``{marker name: the matrix its block's signal arrives through now}``, detached copies: ``D``
+        (``(n_out, n_units)``) for a direct marker; for an IFA relay marker, the weight of its block's first layer.
+
+        Raises:
+            RuntimeError: if a ``D`` has not been drawn yet (it is drawn at the first training forward pass, or
+                by :func:`bioprop.prepare`).
+        """
+        out: dict[str, Tensor] = {}
+        for (name, marker), entry in zip(self.markers, self.entries):
+            if marker.role == "relay":
+                out[name] = entry.weight.detach().clone()  # type: ignore[union-attr]
+                continue
+            if marker.feedback_matrix is None:
+                raise RuntimeError(f"the feedback matrix of marker {name!r} is drawn at the first training forward "
+                                   "pass (its size depends on the model output); run one, or call "
+                                   "bioprop.prepare(model, example_input)")
+            out[name] = marker.feedback_matrix.detach().clone()
+        return out
+
     # -------------------------------------------------------------------------------------------- forward
 
     def mark(self, marker: DirectFeedback, h: Tensor) -> Tensor:

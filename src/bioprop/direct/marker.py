@@ -150,23 +150,6 @@ class DirectFeedback(nn.Module):
     def _store_hook(self, grad: Tensor) -> None:
         self.store_signal(grad)
 
-    @torch.no_grad()
-    def current_feedback(self) -> Tensor:
-        """The matrix this block's signal arrives through, detached: ``D`` (``(n_out, n_units)``) for a
-        direct marker; for an IFA relay marker, the weight of its block's first layer.
-
-        Raises:
-            RuntimeError: if ``D`` has not been drawn yet (it is drawn at the first training forward pass, or
-                by :func:`bioprop.prepare`).
-        """
-        if self.__dict__["role"] == "relay":
-            return self.__dict__["_entry_module"].weight.detach().clone()
-        if self.feedback_matrix is None:
-            raise RuntimeError(f"the feedback matrix of marker {self.__dict__['feedback_name'] or '(unnamed)'!r} "
-                               "is drawn at the first training forward pass (its size depends on the model output); "
-                               "run one, or call bioprop.prepare(model, example_input)")
-        return self.feedback_matrix.detach().clone()
-
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict,
                               strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..convert import convert
 from ..layers import FeedbackLayer
@@ -101,6 +101,10 @@ class _DirectBase(DirectRule):
         controller = root.__dict__.get(CONTROLLER_ATTR)
         if controller is not None:
             controller.redraw()
+
+    def feedback_weights(self, root: nn.Module) -> dict[str, Tensor]:
+        controller: Controller | None = root.__dict__.get(CONTROLLER_ATTR)
+        return {} if controller is None else controller.feedback_weights()
 
     def prepare(self, model: nn.Module, example_batch: Any) -> None:
         """Draw every ``D`` not drawn yet by running ``model`` once on ``example_batch`` (:func:`initialize`)."""

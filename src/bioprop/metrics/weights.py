@@ -6,7 +6,7 @@ flattened. The model-level functions below them walk the model's linear and conv
 Which ``B`` a layer "uses now":
 
 - a feedback layer (``bioprop.layers.FeedbackLinear`` / ``FeedbackConv*``) sends its error through its rule's
-  ``feedback_weight(layer)``;
+  ``feedback_weight(layer)``, as :func:`bioprop.layers.layer_feedback` reads it (re-exported here);
 - an exact layer (a plain ``nn.Linear`` / ``nn.Conv*``, or a feedback layer whose rule is ``backprop``) sends it
   through ``W`` itself. Its angle to its B would be 0 by construction, so :func:`alignment` reports instead the
   angle between ``W`` and ``sign(W)``, the baseline xiao2018 (Fig. 3a) draws for backprop: how far W is from
@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from ..layers import FeedbackLayer
+from ..layers import layer_feedback
 from ..optim._select import unwrap_model, weight_layers
 
 __all__ = ["angle", "norm_ratio", "kurtosis", "mean_abs", "sign_concordance", "magnitude_histogram",
@@ -129,18 +129,6 @@ def model_weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, layer)`` for every linear/conv layer with a weight, in registration order; names are those of
     the model inside any DDP / ``torch.compile`` wrapper."""
     return weight_layers(unwrap_model(model))
-
-
-@torch.no_grad()
-def layer_feedback(layer: nn.Module) -> Tensor | None:
-    """The B ``layer`` sends its error through now, or None when it is exact (B = W through the native op).
-
-    Reads the rule without side effects (no redraw); detached.
-    """
-    if not isinstance(layer, FeedbackLayer):
-        return None
-    feedback = layer.rule.feedback_weight(layer)  # type: ignore[arg-type]
-    return None if feedback is None else feedback.detach()
 
 
 def alignment(model: nn.Module, *, exact: str = "sign") -> dict[str, float]:

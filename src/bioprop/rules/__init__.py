@@ -22,7 +22,7 @@ from .base import (MODEL_RULE_ATTR, RULES, DirectRule, LayerRule, Rule, _RULES, 
                    list_rules, register_layer_conversion, register_rule, resolve_rule_name, rule_options)
 from .scales import (NORM_MODES, SCALE_CONVENTIONS, check_norm, check_scale, draw_feedback, draw_magnitude_8bit,
                      feedback_scale, layer_seed, make_generator, register_state)
-from .lifecycle import after_step, attached_rules, prepare, remove_model_rules, reset_model_rules
+from .lifecycle import after_step, attached_rules, model_rule, prepare, remove_model_rules, reset_model_rules
 from .basic import Backprop, FeedbackAlignment, Sham
 from .sign import (BatchRandomSignConcordant, FixedRandomSignConcordant, PartialSignConcordant, RedrawnPerUpdate,
                    UniformSignConcordant)
@@ -34,7 +34,7 @@ __all__ = [
     "check_scale", "check_norm", "feedback_scale", "draw_feedback", "draw_magnitude_8bit", "layer_seed",
     "make_generator", "register_state", "SCALE_CONVENTIONS", "NORM_MODES",
     "redraw_due", "sync_redraw_state", "rebase_redraw_state",
-    "attached_rules", "after_step", "prepare", "remove_model_rules", "reset_model_rules",
+    "attached_rules", "model_rule", "after_step", "prepare", "remove_model_rules", "reset_model_rules",
     "Backprop", "Sham", "FeedbackAlignment", "UniformSignConcordant", "BatchRandomSignConcordant",
     "FixedRandomSignConcordant", "PartialSignConcordant", "RedrawnPerUpdate", "KolenPollack", "WeightMirror",
 ]

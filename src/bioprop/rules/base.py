@@ -16,6 +16,7 @@ Its hooks are the whole life cycle, called by bioprop at fixed points:
 ``init_state(layer, gen)``    layer rules: register the layer's ``feedback_*`` state (at conversion)
 ``before_forward(layer)``     layer rules: per-update state before a forward pass that needs ``B``
 ``feedback_weight(layer)``    layer rules: the ``B`` the layer uses now (no side effects)
+``feedback_weights(root)``    direct rules: each marker's matrix now (no side effects)
 ``before_save`` / ``after_load``  layer rules: state that only this process knows, around copies and loads
 ``prepare(model, batch)``     once before training (direct rules draw their ``D`` matrices here)
 ``after_step(module, step)``  after every ``optimizer.step()`` (weight mirrors learn ``B`` here)
@@ -127,6 +128,11 @@ class DirectRule(Rule):
 
     def reset_state(self, root: nn.Module) -> None:
         """Draw the rule's state on ``root`` again from its conversion seed (:func:`bioprop.reset_feedback`)."""
+
+    def feedback_weights(self, root: nn.Module) -> dict[str, Tensor]:
+        """``{marker name inside root: the matrix that block's signal arrives through now}``, detached copies
+        (:func:`bioprop.feedback_weights`); no side effects."""
+        raise NotImplementedError
 
 
 #: the layer swap of :meth:`LayerRule.apply`; it lives in :mod:`bioprop.convert`, above the layers it swaps

@@ -18,7 +18,13 @@ from torch import nn
 
 from .base import MODEL_RULE_ATTR, DirectRule, Rule
 
-__all__ = ["attached_rules", "after_step", "prepare", "remove_model_rules", "reset_model_rules"]
+__all__ = ["attached_rules", "model_rule", "after_step", "prepare", "remove_model_rules", "reset_model_rules"]
+
+
+def model_rule(module: nn.Module) -> DirectRule | None:
+    """The model-level (direct) rule whose run-time object ``module`` holds as a converted root, or None."""
+    rule = getattr(module.__dict__.get(MODEL_RULE_ATTR), "rule", None)
+    return rule if isinstance(rule, DirectRule) else None
 
 
 def attached_rules(model: nn.Module) -> list[tuple[nn.Module, Rule]]:
@@ -29,9 +35,9 @@ def attached_rules(model: nn.Module) -> list[tuple[nn.Module, Rule]]:
         rule = module.__dict__.get("rule")
         if isinstance(rule, Rule):
             found.append((module, rule))
-        holder = module.__dict__.get(MODEL_RULE_ATTR)
-        if holder is not None and isinstance(getattr(holder, "rule", None), Rule):
-            found.append((module, holder.rule))
+        root_rule = model_rule(module)
+        if root_rule is not None:
+            found.append((module, root_rule))
     return found
 
 
@@ -68,11 +74,8 @@ def prepare(model: nn.Module, example_batch: Any) -> nn.Module:
 
 def remove_model_rules(model: nn.Module) -> nn.Module:
     """Take the model-level (direct) rule off ``model``'s root, if it has one; returns the model."""
-    holder = model.__dict__.get(MODEL_RULE_ATTR)
-    rule = getattr(holder, "rule", None)
-    if isinstance(rule, DirectRule):
-        model = rule.remove(model)
-    return model
+    rule = model_rule(model)
+    return model if rule is None else rule.remove(model)
 
 
 def reset_model_rules(model: nn.Module) -> None:
