@@ -560,3 +560,36 @@ def test_the_loop_names_no_task():
     names = set(tasks.list_tasks())
     strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
     assert not names & strings
+
+
+def test_every_task_defines_the_loop_parts_or_runs_itself():
+    """The Task base declares what the loop calls; a registered task trained by the loop defines all of it, and a
+    task without a part fails with one line naming it."""
+    from bioprop.engine import tasks as tasks_module
+    from bioprop.engine.classification import ClassificationTask
+    from bioprop.engine.evaluation import RunningSums
+    assert tasks_module.Task.LOOP_PARTS == ("loss", "forward", "new_window", "evaluate", "skipped_evaluation",
+                                            "analysis")
+    for name in tasks_module.list_tasks():
+        cls = tasks_module.TASKS.get(name)
+        if cls.run_class is None:
+            missing = [p for p in cls.LOOP_PARTS if getattr(cls, p) is getattr(tasks_module.Task, p)]
+            assert not missing, f"task {name!r} is trained by the loop but does not define {missing}"
+    assert tasks_module.TASKS.get("detection").run_class is not None
+    window = ClassificationTask().new_window(torch.device("cpu"), 4)
+    assert isinstance(window, RunningSums) and window.first_step == 5 and window.count == 0
+
+    class Bare(tasks_module.Task):
+        def dataset_names(self):
+            return []
+
+        def model_names(self):
+            return []
+
+        def build_data(self, config, env, device):
+            raise AssertionError
+
+    for part in tasks_module.Task.LOOP_PARTS:
+        with pytest.raises(NotImplementedError, match=rf"^task 'Bare' does not define {part}\(\), which the engine's"):
+            method = getattr(Bare(), part)
+            method(*[None] * (method.__code__.co_argcount - 1))

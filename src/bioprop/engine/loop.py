@@ -112,7 +112,7 @@ class Run:
     def __init__(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device,
                  on_step: Callable[[StepInfo], None] | None, task: Task) -> None:
         self.config, self.env, self.device, self.on_step = config, env, device, on_step
-        self.task: Any = task  # the loop's parts of the task (see bioprop.engine.classification for them)
+        self.task = task  # its loop parts (Task.LOOP_PARTS) are what this class calls
         self.out = config.resolved_output_dir()
         self.main = env.is_main
         self.lock = RunLock(self.out)

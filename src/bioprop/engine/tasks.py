@@ -13,14 +13,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol
 
 import torch
+from torch import Tensor, nn
 
 from ..registry import Registry
 
 if TYPE_CHECKING:  # config names the registered tasks, so this module cannot import it at run time
+    from .build import LossFn
     from .config import TrainConfig
     from .distributed import DistEnv
+    from .runlog import MetricsLog, TensorBoardLog
 
-__all__ = ["Task", "TaskData", "TASKS", "register_task", "create_task", "list_tasks", "describe_tasks", "TaskRun"]
+__all__ = ["Task", "TaskData", "TASKS", "register_task", "create_task", "list_tasks", "describe_tasks", "TaskRun",
+           "StepWindow"]
 
 
 @dataclass
@@ -55,17 +59,51 @@ class TaskRun(Protocol):
     def run(self) -> dict[str, Any]: ...
 
 
+class StepWindow(Protocol):
+    """The training sums of the steps since the last read, kept on the device (:meth:`Task.new_window`), e.g.
+    :class:`bioprop.engine.evaluation.RunningSums`.
+
+    Attributes:
+        count: samples added since the last read (known on the host, no device sync).
+        first_step: the first step of the window (1-based, as the "train" record counts).
+    """
+
+    count: int
+    first_step: int
+
+    def add(self, loss: Tensor, output: Tensor, target: Tensor) -> None:
+        """Add one step: its loss (scalar), the model output and the target of the rank's batch."""
+
+    def read(self, env: DistEnv, step: int) -> tuple[float, float, float]:
+        """``(loss·n, correct, n)`` summed over every process since the last read; starts a new window at
+        ``step``. Every process calls it together (a collective)."""
+
+    def seconds(self) -> float:
+        """Wall time since the window started."""
+
+
 class Task(ABC):
     """The per-task parts of a training run. Subclasses are registered with :func:`register_task`; the first line
-    of their docstring is their description in ``bioprop list tasks``."""
+    of their docstring is their description in ``bioprop list tasks``.
+
+    Every task defines :meth:`dataset_names`, :meth:`model_names` and :meth:`build_data`. A task trained by the
+    engine's loop (:class:`bioprop.engine.loop.Run`, ``run_class = None``) also defines the loop's parts:
+    :meth:`loss`, :meth:`forward`, :meth:`new_window`, :meth:`evaluate`, :meth:`skipped_evaluation` and
+    :meth:`analysis` (classification, :class:`bioprop.engine.classification.ClassificationTask`). A task with a
+    run class of its own (detection, :class:`bioprop.detection.engine.DetectionRun`) composes the pipeline's
+    steps itself and needs none of them. Shapes below are per process: ``B/N`` is the rank's share of the
+    global batch ``B`` over ``N`` processes.
+    """
 
     #: the registry name (set by :func:`register_task`)
     name: str = ""
-    #: None: the engine's loop (:class:`bioprop.engine.loop.Run`) trains the task through the task's parts (see
-    #: :class:`bioprop.engine.classification.ClassificationTask`: ``loss``, ``forward``, ``new_window``,
-    #: ``evaluate``, ``skipped_evaluation``, ``analysis``); else a run class of the task's own, constructed as
-    #: ``run_class(config, env, device, on_step, task)``
+    #: None: the engine's loop trains the task through the loop's parts below; else a run class of the task's
+    #: own, constructed as ``run_class(config, env, device, on_step, task)``
     run_class: ClassVar[Callable[..., TaskRun] | None] = None
+
+    #: the parts :class:`bioprop.engine.loop.Run` calls, which a task with ``run_class = None`` defines
+    LOOP_PARTS: ClassVar[tuple[str, ...]] = ("loss", "forward", "new_window", "evaluate", "skipped_evaluation",
+                                            "analysis")
 
     @abstractmethod
     def dataset_names(self) -> list[str]:
@@ -84,8 +122,62 @@ class Task(ABC):
             DatasetError: missing or corrupt data files.
         """
 
+    # ----------------------------------------------------------------------------------- the loop's parts
 
-#: every task ``train(config)`` can run, by name ``train(config)`` can run, by name
+    def _no_part(self, part: str) -> NotImplementedError:
+        return NotImplementedError(f"task {self.name or type(self).__name__!r} does not define {part}(), which the "
+                                   "engine's loop calls; define it, or give the task a run_class of its own")
+
+    def loss(self, config: TrainConfig, data: TaskData) -> LossFn | None:
+        """The loss ``loss_fn(output (B/N, K), target (B/N,)) -> scalar`` of training and evaluation, for the
+        data that :meth:`build_data` returned (e.g. its number of classes); None when the model computes its
+        own loss."""
+        raise self._no_part("loss")
+
+    def forward(self, model: nn.Module, loss_fn: LossFn, batch: Any, config: TrainConfig,
+                device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One training batch through the model (under autocast when ``config.amp``).
+
+        Args:
+            model: the model as the loop trains it (the DDP / compile wrapper).
+            batch: what the train loader yields, e.g. ``(x (B/N, C, H, W), y (B/N,))`` on the device.
+
+        Returns:
+            ``(loss, output, x, y)``: the scalar loss to back-propagate, the model output (``(B/N, K)``), the input
+            as the model saw it and the target; the loop adds the last three to the window and hands ``x, y`` to
+            :meth:`analysis`.
+        """
+        raise self._no_part("forward")
+
+    def new_window(self, device: torch.device, step: int) -> StepWindow:
+        """The device-side sums of the training steps after ``step`` (the "train" records)."""
+        raise self._no_part("new_window")
+
+    def evaluate(self, model: nn.Module, data: TaskData, loss_fn: LossFn, config: TrainConfig, device: torch.device,
+                 env: DistEnv) -> dict[str, Any]:
+        """The evaluation fields of an "epoch" record, over every process's shard of the test (and validation)
+        set: at least ``test_error`` (%, lower is better; it selects ``best.pt``), and ``val_error`` when
+        ``data.val_loader`` is set (it then selects instead). Every process calls it together."""
+        raise self._no_part("evaluate")
+
+    def skipped_evaluation(self) -> dict[str, Any]:
+        """The same fields as :meth:`evaluate`, all None, for an epoch without evaluation (``eval_every``)."""
+        raise self._no_part("skipped_evaluation")
+
+    def analysis(self, model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, head: dict[str, Any],
+                 device: torch.device, log: MetricsLog, layer_log: MetricsLog, tb: TensorBoardLog) -> None:
+        """Write the analysis record of one training batch (``x``, ``y`` as :meth:`forward` returned them) on
+        the main process, every ``metrics_every`` steps and at the end of each epoch.
+
+        Args:
+            model: the model itself (not its wrapper).
+            head: the record's first fields (``kind``, ``epoch``, ``step``).
+            log, layer_log, tb: ``metrics.jsonl``, its per-layer side file and TensorBoard.
+        """
+        raise self._no_part("analysis")
+
+
+#: every task ``train(config)`` can run, by name
 TASKS: Registry[type[Task]] = Registry("task")
 
 
