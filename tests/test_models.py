@@ -16,6 +16,7 @@ import bioprop
 import bioprop.models as models_module
 from bioprop.models import count_parameters, create_model, list_models, model_info, model_table, register_model
 from bioprop.models.resnet import PadShortcut
+from bioprop.rules import RULES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 IMAGENET_MODELS = ("resnet18", "resnet34", "resnet50", "alexnet", "alexnet_bn")
@@ -222,7 +223,11 @@ def test_register_model(monkeypatch: pytest.MonkeyPatch) -> None:
 SMALL_INPUT = {"alexnet": 63, "alexnet_bn": 63, "resnet18": 16, "resnet34": 16, "resnet50": 16, "lenet": 28,
                "nokland_convnet": 15, "tf_cifar10": 24}
 SMALL_OPTIONS = {"alexnet": {"hidden": 512}, "alexnet_bn": {"hidden": 512}}
-DIRECT_RULES = ("dfa", "ifa", "dense_fa")
+
+
+def is_direct(rule: str) -> bool:
+    """Whether ``rule`` is a direct-feedback rule, as the rule declares it (its ``kind``)."""
+    return RULES.get(rule).kind == "direct"
 
 
 @functools.lru_cache(maxsize=1)
@@ -239,7 +244,8 @@ def ifa_refuses(rule: str, err: Exception) -> bool:
     """ifa sends the error forward through the first layer of each block, so it needs blocks that keep their size
     and start with a linear/conv layer (dense_fa reads each block's error there, so it needs the latter); the
     library refuses other layouts with a ValueError naming the rule."""
-    return rule in ("ifa", "dense_fa") and isinstance(err, ValueError) and rule in str(err)
+    reads_entries = is_direct(rule) and RULES.get(rule).graph != "direct"  # ifa, dense_fa
+    return reads_entries and isinstance(err, ValueError) and rule in str(err)
 
 
 @pytest.mark.parametrize("rule", bioprop.list_rules())
@@ -253,7 +259,7 @@ def test_every_model_trains_with_every_rule(name: str, rule: str) -> None:
         model = bioprop.convert(model, rule, seed=0)
         logits = model(x)
     except (NotImplementedError, ValueError) as err:
-        if (rule in DIRECT_RULES and isinstance(err, NotImplementedError)) or ifa_refuses(rule, err):
+        if (is_direct(rule) and isinstance(err, NotImplementedError)) or ifa_refuses(rule, err):
             pytest.skip(f"{rule} does not support {name}: {err}")
         raise
     assert logits.shape == (2, 5)
