@@ -174,6 +174,8 @@ def test_data_commands(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("digits: ready at ")
     assert main(["data", "get", "nope"]) == 2
     assert error_line(capsys).startswith("bioprop: error: unknown data set 'nope'; allowed: mnist")
+    assert main(["data", "get", "Digits", "--root", str(tmp_path)]) == 0  # names resolve as everywhere else
+    assert capsys.readouterr().out.startswith("digits: ready at ")
 
 
 def test_report_command_delegates_to_the_report_module(trained_run, tmp_path, capsys):

@@ -117,6 +117,16 @@ def test_missing_data_and_unknown_names(tmp_path, capsys):
     assert code == 2 and "unknown detection model 'mlp'; allowed: retinanet" in capsys.readouterr().err
 
 
+def test_detection_data_sets_resolve_through_a_registry(tmp_path):
+    from bioprop.detection.coco import SOURCES, how_to_get_if_missing, list_datasets
+    assert list_datasets() == ["coco", "mnist_detection"]
+    assert dict(SOURCES.describe())["coco"].startswith("COCO 2017")
+    for call in (lambda: load_detection("nope", "train", tmp_path), lambda: how_to_get_if_missing("nope", tmp_path)):
+        with pytest.raises(ValueError, match=r"^unknown detection data set 'nope'; allowed: coco, mnist_detection$"):
+            call()
+    assert "make-mnist-detection" in how_to_get_if_missing("mnist_detection", tmp_path)
+
+
 # ------------------------------------------------------------------------------------------- AP
 
 

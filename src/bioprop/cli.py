@@ -250,10 +250,12 @@ def _registry_lines(what: str) -> list[tuple[str, str, dict[str, Any]]]:
 def _cmd_data(args: argparse.Namespace) -> int:
     from . import data
     if args.data_command == "get":
-        if args.name not in data.list_datasets():
-            _fail(f"unknown data set {args.name!r}; allowed: {', '.join(data.list_datasets())}", code=2)
-        path = data.fetch_dataset(args.name, root=args.root)
-        print(f"{args.name}: ready at {path}")
+        try:
+            name = data.DATASETS.resolve(args.name)
+        except ValueError as err:
+            _fail(str(err), code=2)
+        path = data.fetch_dataset(name, root=args.root)
+        print(f"{name}: ready at {path}")
     elif args.data_command == "list":
         print(data.format_present(root=args.root))
     elif args.data_command == "make-mnist-detection":

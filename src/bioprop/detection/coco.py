@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..data._files import DatasetError, DatasetNotFoundError, default_root
+from ..registry import Registry
 
 __all__ = ["AnnotationError", "CocoDetection", "DetectionSource", "SOURCES", "list_datasets", "load_detection",
            "read_annotations"]
@@ -43,18 +44,21 @@ class DetectionSource:
     how_to_get: str
 
 
-SOURCES: dict[str, DetectionSource] = {s.name: s for s in (
-    DetectionSource("coco", "coco", {"train": "train2017", "test": "val2017"},
-                    "download COCO 2017 (train2017, val2017 and annotations_trainval2017) from cocodataset.org "
-                    "and unpack it there"),
-    DetectionSource("mnist_detection", "mnist_detection", {"train": "train", "val": "val", "test": "test"},
-                    "write it with: bioprop data make-mnist-detection"),
-)}
+#: every detection data set by name
+SOURCES: Registry[DetectionSource] = Registry("detection data set")
+for _source, _description in (
+        (DetectionSource("coco", "coco", {"train": "train2017", "test": "val2017"},
+                         "download COCO 2017 (train2017, val2017 and annotations_trainval2017) from cocodataset.org "
+                         "and unpack it there"), "COCO 2017 instances: train2017 to train, val2017 to test"),
+        (DetectionSource("mnist_detection", "mnist_detection", {"train": "train", "val": "val", "test": "test"},
+                         "write it with: bioprop data make-mnist-detection"),
+         "MNIST digits on a canvas, written by bioprop data make-mnist-detection")):
+    SOURCES.add(_source.name, _source, description=_description, options=False)
 
 
 def list_datasets() -> list[str]:
     """Names of the detection data sets (``--task detection --dataset NAME``)."""
-    return list(SOURCES)
+    return SOURCES.names()
 
 
 def how_to_get_if_missing(name: str, root: str | Path | None = None) -> str:
@@ -63,9 +67,7 @@ def how_to_get_if_missing(name: str, root: str | Path | None = None) -> str:
     Raises:
         ValueError: unknown name, listing the allowed ones.
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown detection data set {name!r}; allowed: {', '.join(SOURCES)}")
-    source, base = SOURCES[name], default_root(root)
+    source, base = SOURCES.get(name), default_root(root)
     folder = base if (base / "annotations").is_dir() else base / source.folder
     present = (folder / "annotations" / f"instances_{source.splits['train']}.json").is_file()
     return "" if present else source.how_to_get
@@ -178,9 +180,7 @@ def load_detection(name: str, split: str, root: str | Path | None = None) -> Coc
     Raises:
         ValueError: unknown name or split. DatasetNotFoundError: files absent (with how to get them).
     """
-    if name not in SOURCES:
-        raise ValueError(f"unknown detection data set {name!r}; allowed: {', '.join(SOURCES)}")
-    source = SOURCES[name]
+    source = SOURCES.get(name)
     if split not in source.splits:
         raise ValueError(f"data set {name!r} has no split {split!r}; allowed: {', '.join(source.splits)}")
     base = default_root(root)
