@@ -1,0 +1,58 @@
+"""The benchmark scripts run end to end at tiny sizes (their dry modes) and refuse clearly where they cannot
+measure. Nothing here asserts on a time."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+
+def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``benchmarks/<script>`` with this interpreter on one thread (PYTHONPATH is inherited)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The cells of every Markdown table row below a header separator."""
+    rows, in_table = [], False
+    for line in text.splitlines():
+        if line.startswith("|---"):
+            in_table = True
+        elif in_table and line.startswith("| "):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        else:
+            in_table = False
+    return rows
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_dry_run_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "perf_gpu.md"
+    done = run_script("gpu.py", "--device", "cpu", "--tiny", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "python benchmarks/gpu.py --device cpu --tiny" in text
+    rows = table_rows(text)
+    variants = ["native", "backprop", "usf", "fa", "brsf", "kp", "dfa"]
+    assert [(r[0], r[1]) for r in rows] == [(m, v) for m in ("resnet18_tiny", "mlp_tiny") for v in variants]
+    for row in rows:
+        assert float(row[2].replace(",", "")) > 0  # images/s
+        assert row[4].startswith("1.000") if row[1] == "native" else float(row[4].split()[0]) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_gpu_benchmark_refuses_without_cuda_in_one_line() -> None:
+    for args in ((), ("--device", "cpu")):
+        done = run_script("gpu.py", *args, timeout=120)
+        assert done.returncode != 0
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("gpu.py: ") and "--tiny" in lines[0], done.stderr
