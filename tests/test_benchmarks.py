@@ -56,3 +56,18 @@ def test_gpu_benchmark_refuses_without_cuda_in_one_line() -> None:
         assert done.returncode != 0
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("gpu.py: ") and "--tiny" in lines[0], done.stderr
+
+
+@pytest.mark.slow
+def test_scaling_dry_run_writes_table_and_figure(tmp_path: Path) -> None:
+    out = tmp_path / "perf_scaling.md"
+    done = run_script("scaling.py", "--tiny", "--rules", "usf", "fa", "dfa", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert "python benchmarks/scaling.py --tiny" in text and "![cost curves](perf_scaling.png)" in text
+    assert (tmp_path / "perf_scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = table_rows(text)
+    ratios = rows[:len(rows) // 2]
+    assert {(r[0], r[1]) for r in ratios} == {(layer, axis) for layer in ("linear", "conv")
+                                              for axis in ("width", "batch", "depth")}
+    assert all(len(r) == 4 + 3 and all(float(v) > 0 for v in r[3:]) for r in ratios)
