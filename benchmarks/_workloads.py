@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import bioprop
 from bioprop.models import create_model
 
-__all__ = ["make_mlp", "make_convnet", "make_resnet18", "MODELS", "make_step", "make_batch"]
+__all__ = ["make_mlp", "make_convnet", "make_resnet18", "MODELS", "make_step", "make_batch", "layer_rules"]
 
 
 def make_mlp(width: int = 800, depth: int = 3, in_features: int = 784) -> nn.Sequential:
@@ -84,3 +85,9 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, momentum: f
         loss.backward()
         opt.step()
     return step
+
+
+def layer_rules() -> list[str]:
+    """Every registered per-layer rule except backprop (which leaves the layers native), in registry order."""
+    return [r for r in bioprop.list_rules()
+            if r != "backprop" and getattr(bioprop.create_rule(r), "kind", "layer") == "layer"]

@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 
 import bioprop  # noqa: E402
 from _timing import Step, command_line, machine_line, paired_times, set_threads  # noqa: E402
-from _workloads import make_batch, make_mlp, make_step  # noqa: E402
+from _workloads import layer_rules, make_batch, make_mlp, make_step  # noqa: E402
 
 AXES = ("width", "batch", "depth")
 LAYERS = ("linear", "conv")
@@ -95,13 +95,6 @@ def build(point: Point) -> tuple[nn.Module, tuple[int, ...]]:
     if point.layer == "linear":
         return make_mlp(point.width, point.depth, in_features=point.width), (point.width,)
     return conv_stack(point.width, point.depth), (point.width, SIDE, SIDE)
-
-
-def default_rules() -> list[str]:
-    """Every registered per-layer rule except backprop (which leaves the layers native), then dfa."""
-    layer_rules = [r for r in bioprop.list_rules()
-                   if r != "backprop" and getattr(bioprop.create_rule(r), "kind", "layer") == "layer"]
-    return layer_rules + ["dfa"]
 
 
 def measure_point(point: Point, rules: list[str], rounds: int, min_round_s: float, clock) -> dict:  # type: ignore[no-untyped-def]
@@ -185,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     rounds = args.rounds or (1 if args.tiny else 12 if args.quick else 25)
     min_round_s = (args.min_round_ms or (1 if args.tiny else 20 if args.quick else 40)) / 1e3
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    rules = args.rules or default_rules()
+    rules = args.rules or layer_rules() + ["dfa"]
     machine = machine_line()
     start = time.perf_counter()
     results = []

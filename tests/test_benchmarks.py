@@ -71,3 +71,21 @@ def test_scaling_dry_run_writes_table_and_figure(tmp_path: Path) -> None:
     assert {(r[0], r[1]) for r in ratios} == {(layer, axis) for layer in ("linear", "conv")
                                               for axis in ("width", "batch", "depth")}
     assert all(len(r) == 4 + 3 and all(float(v) > 0 for v in r[3:]) for r in ratios)
+
+
+@pytest.mark.slow
+def test_memory_dry_run_rewrites_only_its_section(tmp_path: Path) -> None:
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n\nkept above\n")
+    for _ in range(2):  # the second run replaces the section written by the first
+        done = run_script("memory.py", "--tiny", "--models", "mlp", "--rules", "fa", "usf", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    assert text.startswith("# Performance\n\nkept above\n") and text.count("memory table: begin") == 1
+    rows = table_rows(text)
+    assert [r[1] for r in rows] == ["native", "fa", "usf"]
+    native, fa, usf = (float(r[2]) for r in rows)
+    params_mib = sum(p.numel() for p in torch.nn.Linear(784, 800).parameters()) * 4 / 2**20
+    assert native > 3 * params_mib  # parameters, momentum and gradients are resident
+    assert float(rows[1][5]) > 0 and rows[1][6] == "1.00"  # fa's B: as large as the model's weights
+    assert float(rows[2][5]) == 0.0  # usf keeps no state
