@@ -21,6 +21,25 @@ def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
+def test_paired_times_rotates_and_pairs_rounds() -> None:
+    """Each round runs every variant once per step, starting one further along; a deadline stops new rounds."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from _timing import median_ratio, paired_times
+    finally:
+        sys.path.remove(str(BENCH))
+    calls: list[str] = []
+    steps = {name: (lambda n=name: calls.append(n)) for name in "abc"}
+    ticks = iter(range(1000))
+    times = paired_times(steps, rounds=3, per_round=2, warmup=1, clock=lambda: float(next(ticks)))
+    assert calls == list("abc") + list("aabbcc") + list("bbccaa") + list("ccaabb")
+    assert all(len(v) == 3 and all(t == 0.5 for t in v) for v in times.values())  # one tick over two steps
+    assert median_ratio(times, "b", "a") == 1.0
+    calls.clear()
+    short = paired_times(steps, rounds=50, warmup=0, deadline=0.0)  # past already: only the first round runs
+    assert calls == list("abc") and all(len(v) == 1 for v in short.values())
+
+
 def table_rows(text: str) -> list[list[str]]:
     """The cells of every Markdown table row below a header separator."""
     rows, in_table = [], False
