@@ -20,6 +20,7 @@ import io
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bioprop
-from _timing import Step, command_line, median_ratio, paired_times
+from _timing import Step, command_line, median_ratio, paired_times, set_threads
 from _workloads import make_convnet, make_mlp, make_step
 
 BIOTORCH_MODES = {"fa": "fa", "usf": "usf", "brsf": "brsf", "frsf": "frsf", "dfa": "dfa"}
@@ -56,7 +57,8 @@ def compiled_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
     return make_step(model, x, y, forward=torch.compile(model))
 
 
-def measure(model_name: str, rule: str, rounds: int, batch: int, compile_mode: bool = False) -> dict[str, float]:
+def measure(model_name: str, rule: str, rounds: int, batch: int, compile_mode: bool = False,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     torch.manual_seed(0)
     base = MODELS[model_name]()
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
@@ -69,7 +71,7 @@ def measure(model_name: str, rule: str, rounds: int, batch: int, compile_mode: b
         return {"skipped": str(error).split(";")[0]}
     theirs = None if compile_mode else biotorch_step(base, rule, x, y)
     steps = {"native": native, "ours": ours} | ({"biotorch": theirs} if theirs else {})
-    times = paired_times(steps, rounds, rotate=False)
+    times = paired_times(steps, rounds, rotate=False, clock=clock)
     result = {"ours": median_ratio(times, "ours", "native")}
     if theirs:
         result["biotorch"] = median_ratio(times, "biotorch", "native")
@@ -97,10 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rules", nargs="+", default=None, help="rules to run (default: all registered)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both the rule's model and native (BioTorch is not run)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: CPU time of this process (with --threads 1 on a shared machine)")
     parser.add_argument("--out", default=None,
                         help="Markdown output file, or - for stdout only (default docs/perf_step.md, "
                              "docs/perf_compile.md with --compile)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     out = args.out or ("docs/perf_compile.md" if args.compile else "docs/perf_step.md")
     if args.compile:
         reason = compile_works()
@@ -120,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for model_name in args.models:
         for rule in rules:
-            r = measure(model_name, rule, args.rounds, args.batch, args.compile)
+            r = measure(model_name, rule, args.rounds, args.batch, args.compile, clock)
             if "skipped" in r:
                 print(f"skipped {model_name}/{rule}: {r['skipped']}", file=sys.stderr)
                 continue
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         title,
         "",
         f"Produced by `{command_line('step_time.py', argv)}` "
-        f"(rounds={args.rounds}, batch={args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads,"
+        f"(rounds={args.rounds}, batch={args.batch}, {args.clock} clock, torch {torch.__version__}, {torch.get_num_threads()} threads,"
         f" {platform.machine()}, Python {platform.python_version()}, BioTorch "
         f"{'0.0.16' if has_biotorch else 'not installed' if not args.compile else 'not run'}).",
         "",

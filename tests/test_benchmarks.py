@@ -108,3 +108,21 @@ def test_memory_dry_run_rewrites_only_its_section(tmp_path: Path) -> None:
     assert native > 3 * params_mib  # parameters, momentum and gradients are resident
     assert float(rows[1][5]) > 0 and rows[1][6] == "1.00"  # fa's B: as large as the model's weights
     assert float(rows[2][5]) == 0.0  # usf keeps no state
+
+
+def test_step_time_compile_mode_refuses_in_one_line_where_compile_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    sys.path.insert(0, str(BENCH))
+    try:
+        import step_time
+    finally:
+        sys.path.remove(str(BENCH))
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Compiler: cl is not found\nmore detail")
+
+    monkeypatch.setattr(step_time.torch, "compile", broken)
+    with pytest.raises(SystemExit) as stop:
+        step_time.main(["--compile", "--out", "-"])
+    message = str(stop.value.code)
+    assert "\n" not in message and "torch.compile does not work on this build" in message
+    assert "RuntimeError: Compiler: cl is not found" in message and "without --compile" in message
