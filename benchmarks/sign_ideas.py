@@ -13,6 +13,8 @@ they differ only in when and where the sign matrix is built and where the scale 
   so no W-sized tensor is allocated per step.
 - ``cached``: as buffer, rebuilt only when W's version counter moved (several forwards per update share one
   build; with one forward per update it shows the bookkeeping cost).
+- ``post_step``: as buffer, with sign(W) written right after the optimizer's write of W (an optimizer step
+  post-hook), where W was just in the cache, instead of in the next forward.
 - ``backward_build``: sign(W) built in the backward from the saved W: nothing W-sized is saved between forward
   and backward (less memory), at the price of building it where W is cold in the cache.
 
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import bioprop
 from _timing import command_line, machine_line, median_ratio, paired_times, quartiles, paired_ratios, set_threads
@@ -86,8 +89,10 @@ class SignLinear(nn.Linear):
             self.bias.copy_(source.bias)
         self.mode = mode
         self.scale = 1.0 / math.sqrt(self.in_features)  # xiao2018 for linear layers
-        self.register_buffer("sign", torch.empty_like(self.weight), persistent=False)
+        self.register_buffer("sign", torch.sign(self.weight.detach()), persistent=False)
         self.version = -1
+        if mode == "post_step":
+            self.weight._sign_layer = self  # type: ignore[attr-defined]  # found by _rebuild_after_step
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -103,12 +108,23 @@ class SignLinear(nn.Linear):
             with torch.no_grad():
                 torch.sign(w, out=self.sign)
             self.version = w._version
-        if self.mode in ("buffer", "cached"):
+        if self.mode in ("buffer", "cached", "post_step"):
             return _SavedSign.apply(x, w, self.bias, self.sign, self.scale)
         return _BackwardSign.apply(x, w, self.bias, self.scale)
 
 
-MODES = ("minimal", "scale_out", "buffer", "cached", "backward_build")
+MODES = ("minimal", "scale_out", "buffer", "cached", "post_step", "backward_build")
+
+
+def _rebuild_after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """Optimizer step post-hook: the post_step layers rebuild sign(W) while W is still in the cache."""
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                layer = getattr(p, "_sign_layer", None)
+                if layer is not None:
+                    torch.sign(p, out=layer.sign)
+
 
 
 def with_sign_layers(model: nn.Module, mode: str) -> nn.Module:
@@ -148,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     base = make_mlp()
     x, y = make_batch((1, 28, 28), args.batch, 10)
     check_same_gradients(base, x, y)
+    register_optimizer_step_post_hook(_rebuild_after_step)
     # The input needs a gradient for the first layer to send δx, as in a deeper net; here the first layer's δx is
     # computed by every variant (bioprop skips it when nothing needs it, so the inputs require grad).
     x.requires_grad_(True)
