@@ -59,6 +59,10 @@ def compiled_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
 
 def measure(model_name: str, rule: str, rounds: int, batch: int, compile_mode: bool = False,
             clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    if compile_mode:
+        # Fresh compile caches per rule: frames shared by every converted model (a feedback layer's forward, after a
+        # graph break) would otherwise fill dynamo's recompile limit and fall back to eager for later rules.
+        torch._dynamo.reset()
     torch.manual_seed(0)
     base = MODELS[model_name]()
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
