@@ -126,3 +126,17 @@ def test_step_time_compile_mode_refuses_in_one_line_where_compile_fails(monkeypa
     message = str(stop.value.code)
     assert "\n" not in message and "torch.compile does not work on this build" in message
     assert "RuntimeError: Compiler: cl is not found" in message and "without --compile" in message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["sign_ideas.py", "update_ideas.py"])
+def test_micro_benchmarks_run(script: str) -> None:
+    """One round each; sign_ideas first checks every variant's dx and dW against bioprop's usf in float64."""
+    done = run_script(script, "--rounds", "1", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    names = [row[0] for row in table_rows(done.stdout)]
+    expected = (["native", "bioprop_usf", "minimal", "scale_out", "buffer", "cached", "post_step", "backward_build"]
+                if script == "sign_ideas.py" else
+                ["redraw", "eight_levels_per_word", "random_words_only", "levels_to_magnitudes_only",
+                 "kp_two_updates", "kp_apply_w_update"])
+    assert names == expected
