@@ -140,3 +140,18 @@ def test_micro_benchmarks_run(script: str) -> None:
                 ["redraw", "eight_levels_per_word", "random_words_only", "levels_to_magnitudes_only",
                  "kp_two_updates", "kp_apply_w_update"])
     assert names == expected
+
+
+def test_gpu_benchmark_measures_what_issue_16_asks() -> None:
+    """ResNet-18 at 224x224, batch 128, bf16 autocast, channels_last; the 3x800 MLP; BP, usf, fa, brsf, kp, dfa."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import gpu
+    finally:
+        sys.path.remove(str(BENCH))
+    resnet, mlp = gpu.FULL
+    assert (resnet.sample_shape, resnet.batch, resnet.bf16, resnet.channels_last) == ((3, 224, 224), 128, True, True)
+    assert sum(isinstance(m, torch.nn.Conv2d) for m in resnet.build().modules()) == 20  # ResNet-18: 17 + 3 shortcuts
+    widths = [m.out_features for m in mlp.build().modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [800, 800, 800, 10] and mlp.batch == 128
+    assert gpu.RULES == ("backprop", "usf", "fa", "brsf", "kp", "dfa")
