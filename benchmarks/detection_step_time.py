@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 import bioprop
 from bioprop.models import create_model
+from _timing import paired_ratios, paired_times
 
 REDUCED = dict(backbone="resnet18", width=16, fpn_channels=64, head_convs=2, anchor_size=2.0)
 
@@ -56,20 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",")
     steps = {r: make_step(r, args.batch, args.size, args.device) for r in rules}
-    for step in steps.values():  # warm-up
-        step()
-    ratios: dict[str, list[float]] = {r: [] for r in rules}
-    seconds: dict[str, list[float]] = {r: [] for r in rules}
-    for _ in range(args.rounds):
-        times = {}
-        for rule in rules:
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                steps[rule]()
-            times[rule] = (time.perf_counter() - start) / args.steps
-        for rule in rules:
-            seconds[rule].append(times[rule])
-            ratios[rule].append(times[rule] / times["backprop"])
+    times = paired_times(steps, args.rounds, args.steps, warmup=1, rotate=False)
+    ratios = {r: paired_ratios(times, r, "backprop") for r in rules}
     lines = ["# Detector step time per rule", "",
              f"RetinaNet reduced net ({', '.join(f'{k}={v}' for k, v in REDUCED.items())}), batch {args.batch} "
              f"of {args.size}×{args.size} images, {args.device}, {args.threads} thread(s), torch "
@@ -80,7 +68,7 @@ def main() -> None:
              f"--batch {args.batch} --size {args.size} --device {args.device} --threads {args.threads}`", "",
              "| rule | ms / step | × backprop |", "|---|---|---|"]
     for rule in rules:
-        lines.append(f"| {rule} | {1000 * statistics.median(seconds[rule]):.0f} | "
+        lines.append(f"| {rule} | {1000 * statistics.median(times[rule]):.0f} | "
                      f"{statistics.median(ratios[rule]):.3f} |")
     text = "\n".join(lines) + "\n"
     print(text)

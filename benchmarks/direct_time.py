@@ -28,25 +28,13 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import bioprop
-
-Step = Callable[[], None]
-
-
-def tanh_mlp(depth: int, width: int) -> nn.Sequential:
-    """``depth`` x ``width`` tanh MLP on flattened 28x28 inputs, 10 outputs."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    fan_in = 784
-    for _ in range(depth):
-        layers += [nn.Linear(fan_in, width), nn.Tanh()]
-        fan_in = width
-    return nn.Sequential(*layers, nn.Linear(fan_in, 10))
+from _timing import Step, paired_times, quartiles, set_threads
+from _workloads import make_mlp, make_step
 
 
 MODELS: dict[str, tuple[int, int]] = {"3x800": (3, 800), "7x240": (7, 240)}
@@ -69,55 +57,20 @@ def load_biotorch(source: str) -> type | None:
     return None
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_inside: bool = False) -> Step:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        out = model(x, y, F.cross_entropy) if loss_inside else model(x)
-        F.cross_entropy(out, y).backward()
-        opt.step()
-    return step
-
-
 def variants(depth: int, width: int, batch: int, bio_module: type | None) -> dict[str, Step]:
     torch.manual_seed(0)
-    base = tanh_mlp(depth, width)
+    base = make_mlp(width, depth)
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    steps = {"backprop": make_step(copy.deepcopy(base), x, y)}
+    steps = {"backprop": make_step(copy.deepcopy(base), x, y, momentum=0.0)}
     for rule in ("dfa", "ifa"):
-        steps[rule] = make_step(bioprop.convert(copy.deepcopy(base), rule, seed=0), x, y)
+        steps[rule] = make_step(bioprop.convert(copy.deepcopy(base), rule, seed=0), x, y, momentum=0.0)
     if bio_module is not None:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():  # its conversion report
             warnings.simplefilter("ignore")
             theirs = bio_module(copy.deepcopy(base), mode="dfa", output_dim=10)
-        steps["biotorch_dfa"] = make_step(theirs, x, y, loss_inside=True)
+        steps["biotorch_dfa"] = make_step(theirs, x, y, momentum=0.0,
+                                          forward=lambda inputs: theirs(inputs, y, F.cross_entropy))
     return steps
-
-
-def measure(steps: dict[str, Step], rounds: int, per_round: int, clock: Callable[[], float]
-            ) -> dict[str, list[float]]:
-    """Per-round seconds per step of every variant, read from ``clock``."""
-    names = list(steps)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # BioTorch's deprecated module backward hooks warn on every call
-        for name in names:  # warm-up: allocator, thread pool, lazily drawn state
-            for _ in range(3):
-                steps[name]()
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            order = names[r % len(names):] + names[:r % len(names)]
-            for name in order:
-                start = clock()
-                for _ in range(per_round):
-                    steps[name]()
-                times[name].append((clock() - start) / per_round)
-    return times
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(values, n=4)
-    return q[0], statistics.median(values), q[2]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -132,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--biotorch-src", default="/tmp/wh/biotorch-0.0.16", help="BioTorch source folder")
     parser.add_argument("--out", default="docs/perf_direct.md", help="Markdown output file, or - for stdout only")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     bio_module = load_biotorch(args.biotorch_src)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -141,7 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     for model_name in args.models:
         depth, width = MODELS[model_name]
         clock = time.process_time if args.clock == "cpu" else time.perf_counter
-        times = measure(variants(depth, width, args.batch, bio_module), args.rounds, args.steps, clock)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # BioTorch's deprecated module backward hooks warn on every call
+            times = paired_times(variants(depth, width, args.batch, bio_module), args.rounds, args.steps,
+                                 clock=clock)
         base = times["backprop"]
         for name, values in times.items():
             ratio = [v / b for v, b in zip(values, base)]

@@ -6,8 +6,10 @@ over rounds, which cancels most of the drift of a noisy machine.
 
     python benchmarks/step_time.py                 # writes docs/perf_step.md
     python benchmarks/step_time.py --rounds 10 --models mlp --out -   # quick look, print only
+    python benchmarks/step_time.py --compile       # torch.compile'd rule vs compiled native, docs/perf_compile.md
 
-BioTorch is measured when ``import biotorch`` works (``pip install --no-deps biotorch==0.0.16``).
+BioTorch is measured when ``import biotorch`` works (``pip install --no-deps biotorch==0.0.16``), except under
+``--compile``, which compares compiled bioprop against compiled native only.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,46 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import bioprop
+from _timing import Step, command_line, median_ratio, paired_times, set_threads
+from _workloads import make_convnet, make_mlp, make_step
 
 BIOTORCH_MODES = {"fa": "fa", "usf": "usf", "brsf": "brsf", "frsf": "frsf", "dfa": "dfa"}
-
-
-def make_mlp() -> nn.Module:
-    """3x800 tanh MLP on flattened 28x28 inputs."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 800), nn.Tanh(), nn.Linear(800, 800), nn.Tanh(),
-                         nn.Linear(800, 800), nn.Tanh(), nn.Linear(800, 10))
-
-
-def make_convnet() -> nn.Module:
-    """Small conv net for 28x28 inputs: two 3x3 conv/ReLU/max-pool stages and a linear read-out."""
-    return nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-                         nn.Flatten(), nn.Linear(64 * 7 * 7, 10))
-
-
 MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": make_mlp, "convnet": make_convnet}
 
 
-@dataclass
-class Variant:
-    """One model ready to step: ``step()`` runs forward, loss, backward and the optimizer update."""
-
-    model: nn.Module
-    step: Callable[[], None]
-
-
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, biotorch_dfa: bool = False) -> Callable[[], None]:
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        out = model(x, y, F.cross_entropy) if biotorch_dfa else model(x)
-        F.cross_entropy(out, y).backward()
-        opt.step()
-    return step
-
-
-def biotorch_variant(base: nn.Module, rule: str, x: torch.Tensor, y: torch.Tensor) -> Variant | None:
+def biotorch_step(base: nn.Module, rule: str, x: torch.Tensor, y: torch.Tensor) -> Step | None:
+    """A training step of BioTorch's ``BioModule`` in the mode of ``rule``, or None (no such mode, not installed)."""
     mode = BIOTORCH_MODES.get(rule)
     if mode is None:
         return None
@@ -77,45 +47,52 @@ def biotorch_variant(base: nn.Module, rule: str, x: torch.Tensor, y: torch.Tenso
         return None
     with contextlib.redirect_stdout(io.StringIO()):  # BioTorch prints a conversion report
         model = BioModule(copy.deepcopy(base), mode=mode, output_dim=10 if mode == "dfa" else None)
-    return Variant(model, make_step(model, x, y, biotorch_dfa=mode == "dfa"))
+    # BioTorch's DFA computes the loss inside its forward, as its documentation shows.
+    forward = (lambda inputs: model(inputs, y, F.cross_entropy)) if mode == "dfa" else None
+    return make_step(model, x, y, forward=forward)
 
 
-def time_once(step: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    step()
-    return time.perf_counter() - start
+def compiled_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Step:
+    """A training step through ``torch.compile(model)`` (forward and backward compiled; the update eager)."""
+    return make_step(model, x, y, forward=torch.compile(model))
 
 
-def measure(model_name: str, rule: str, rounds: int, batch: int) -> dict[str, float]:
+def measure(model_name: str, rule: str, rounds: int, batch: int, compile_mode: bool = False,
+            clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    if compile_mode:
+        # Fresh compile caches per rule: frames shared by every converted model (a feedback layer's forward, after a
+        # graph break) would otherwise fill dynamo's recompile limit and fall back to eager for later rules.
+        torch._dynamo.reset()
     torch.manual_seed(0)
     base = MODELS[model_name]()
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    native_model = copy.deepcopy(base)
-    native = Variant(native_model, make_step(native_model, x, y))
-    ours_model = bioprop.convert(copy.deepcopy(base), rule, seed=0)
-    ours = Variant(ours_model, make_step(ours_model, x, y))
+    build = compiled_step if compile_mode else make_step
+    native = build(copy.deepcopy(base), x, y)
+    ours = build(bioprop.convert(copy.deepcopy(base), rule, seed=0), x, y)
     try:
-        ours.step()
+        ours()
     except ValueError as error:  # e.g. IFA's forward relay is undefined across pooling inside a block
         return {"skipped": str(error).split(";")[0]}
-    theirs = biotorch_variant(base, rule, x, y)
-    variants = [native, ours] + ([theirs] if theirs else [])
-    for _ in range(3):  # warm-up: allocator, thread pool, lazy state
-        for v in variants:
-            v.step()
-    ours_ratio, theirs_ratio, vs_theirs = [], [], []
-    for _ in range(rounds):
-        times = [time_once(v.step) for v in variants]
-        ours_ratio.append(times[1] / times[0])
-        if theirs:
-            theirs_ratio.append(times[2] / times[0])
-            vs_theirs.append(times[1] / times[2])
-    result = {"ours": statistics.median(ours_ratio)}
+    theirs = None if compile_mode else biotorch_step(base, rule, x, y)
+    steps = {"native": native, "ours": ours} | ({"biotorch": theirs} if theirs else {})
+    times = paired_times(steps, rounds, rotate=False, clock=clock)
+    result = {"ours": median_ratio(times, "ours", "native")}
     if theirs:
-        result["biotorch"] = statistics.median(theirs_ratio)
-        result["ours_vs_biotorch"] = statistics.median(vs_theirs)
-    result["native_ms"] = 1e3 * statistics.median(time_once(native.step) for _ in range(5))
+        result["biotorch"] = median_ratio(times, "biotorch", "native")
+        result["ours_vs_biotorch"] = median_ratio(times, "ours", "biotorch")
+    result["native_ms"] = 1e3 * statistics.median(times["native"])
     return result
+
+
+def compile_works() -> str | None:
+    """None when ``torch.compile`` trains a small model on this build; else a one-line reason."""
+    try:
+        model = nn.Linear(4, 2)
+        F.cross_entropy(torch.compile(model)(torch.randn(3, 4)), torch.tensor([0, 1, 0])).backward()
+    except Exception as error:  # noqa: BLE001  (any failure of the compiler stack means: not on this build)
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first[:200]}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,12 +101,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=128, help="batch size")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
     parser.add_argument("--rules", nargs="+", default=None, help="rules to run (default: all registered)")
-    parser.add_argument("--out", default="docs/perf_step.md", help="Markdown output file, or - for stdout only")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both the rule's model and native (BioTorch is not run)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: CPU time of this process (with --threads 1 on a shared machine)")
+    parser.add_argument("--out", default=None,
+                        help="Markdown output file, or - for stdout only (default docs/perf_step.md, "
+                             "docs/perf_compile.md with --compile)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    out = args.out or ("docs/perf_compile.md" if args.compile else "docs/perf_step.md")
+    if args.compile:
+        reason = compile_works()
+        if reason is not None:
+            sys.exit(f"step_time.py --compile: torch.compile does not work on this build ({reason}); "
+                     "run without --compile")
     rules = args.rules or [r for r in bioprop.list_rules() if r != "backprop"]
     try:
         import biotorch  # noqa: F401
-        has_biotorch = True
+        has_biotorch = not args.compile
     except ImportError:
         has_biotorch = False
 
@@ -139,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for model_name in args.models:
         for rule in rules:
-            r = measure(model_name, rule, args.rounds, args.batch)
+            r = measure(model_name, rule, args.rounds, args.batch, args.compile, clock)
             if "skipped" in r:
                 print(f"skipped {model_name}/{rule}: {r['skipped']}", file=sys.stderr)
                 continue
@@ -148,25 +140,30 @@ def main(argv: list[str] | None = None) -> None:
                     f"| {r['native_ms']:.1f} |")
             print(line, flush=True)
             lines.append(line)
+    title = ("# Step time under torch.compile: every rule against compiled native backprop" if args.compile else
+             "# Step time: every rule against native backprop and BioTorch")
+    compiled = (" Both sides run through `torch.compile(model)` (default mode; forward and backward compiled, "
+                "the SGD update eager), after a warm-up that includes the compilation; BioTorch is not run."
+                if args.compile else "")
     header = [
-        "# Step time: every rule against native backprop and BioTorch",
+        title,
         "",
-        "Produced by `python benchmarks/step_time.py` "
-        f"(rounds={args.rounds}, batch={args.batch}, torch {torch.__version__}, {torch.get_num_threads()} threads,"
+        f"Produced by `{command_line('step_time.py', argv)}` "
+        f"(rounds={args.rounds}, batch={args.batch}, {args.clock} clock, torch {torch.__version__}, {torch.get_num_threads()} threads,"
         f" {platform.machine()}, Python {platform.python_version()}, BioTorch "
-        f"{'0.0.16' if has_biotorch else 'not installed'}).",
+        f"{'0.0.16' if has_biotorch else 'not installed' if not args.compile else 'not run'}).",
         "",
         "Ratios are medians over rounds of per-round ratios (variants alternate within a round); below 1 means "
         "faster than native autograd. mlp = 3x800 tanh MLP, convnet = two 3x3 conv/ReLU/pool stages + linear; "
         "batch 128, 28x28 inputs, SGD with momentum. BioTorch has no sham, partial concordance, Kolen-Pollack, "
         "weight-mirror, IFA, DenseFA or backprop-control (bp_noise, bp_alignment) layers (—). The per-layer "
-        "controls bp_noise and bp_alignment are measured at their default options.",
+        "controls bp_noise and bp_alignment are measured at their default options." + compiled,
         "",
     ]
     text = "\n".join(header + lines) + "\n"
-    if args.out != "-":
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
+    if out != "-":
+        Path(out).write_text(text)
+        print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
