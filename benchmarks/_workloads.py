@@ -84,10 +84,12 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, momentum: f
             loss = F.cross_entropy(run(x), y)
         loss.backward()
         opt.step()
+        bioprop.after_step(model)  # the rules' per-step work (a weight-mirror step for wm)
     return step
 
 
 def layer_rules() -> list[str]:
-    """Every registered per-layer rule except backprop (which leaves the layers native), in registry order."""
+    """Every registered per-layer rule except the native one (backprop leaves the layers native), in registry
+    order."""
     return [r for r in bioprop.list_rules()
-            if r != "backprop" and getattr(bioprop.create_rule(r), "kind", "layer") == "layer"]
+            if bioprop.create_rule(r).kind == "layer" and not bioprop.create_rule(r).native]
