@@ -570,12 +570,15 @@ def test_every_task_defines_the_loop_parts_or_runs_itself():
     from bioprop.engine.evaluation import RunningSums
     assert tasks_module.Task.LOOP_PARTS == ("loss", "forward", "new_window", "evaluate", "skipped_evaluation",
                                             "analysis")
+    assert tasks_module.Task.RESULT_PARTS == ("history_entry", "new_best", "better", "summary", "epoch_line")
     for name in tasks_module.list_tasks():
         cls = tasks_module.TASKS.get(name)
         if cls.run_class is None:
-            missing = [p for p in cls.LOOP_PARTS if getattr(cls, p) is getattr(tasks_module.Task, p)]
+            missing = [p for p in cls.LOOP_PARTS + cls.RESULT_PARTS if getattr(cls, p) is getattr(tasks_module.Task, p)]
             assert not missing, f"task {name!r} is trained by the loop but does not define {missing}"
-    assert tasks_module.TASKS.get("detection").run_class is not None
+    # both built-in tasks are trained by the loop (detection had a run class of its own before)
+    assert tasks_module.TASKS.get("detection").run_class is None
+    assert tasks_module.TASKS.get("classification").run_class is None
     window = ClassificationTask().new_window(torch.device("cpu"), 4)
     assert isinstance(window, RunningSums) and window.first_step == 5 and window.count == 0
 
@@ -589,7 +592,7 @@ def test_every_task_defines_the_loop_parts_or_runs_itself():
         def build_data(self, config, env, device):
             raise AssertionError
 
-    for part in tasks_module.Task.LOOP_PARTS:
+    for part in tasks_module.Task.LOOP_PARTS + tasks_module.Task.RESULT_PARTS:
         with pytest.raises(NotImplementedError, match=rf"^task 'Bare' does not define {part}\(\), which the engine's"):
             method = getattr(Bare(), part)
             method(*[None] * (method.__code__.co_argcount - 1))
