@@ -138,3 +138,10 @@ def test_detection_analysis_records_the_weight_statistics(coco, tmp_path):
     assert {"alignment", "sign_concordance", "mean_abs_w"} <= set(records[0]["summary"])
     layers = read_records(tmp_path / "run" / "metrics_layers.jsonl")
     assert layers[0]["metrics"]["grad_angle"] == {}  # the gradient metrics take a classification loss
+
+
+def test_halve_on_plateau_is_refused_for_detection_with_one_line(coco, tmp_path):
+    with pytest.raises(ConfigError, match=r"^schedule 'halve_on_plateau' follows the training accuracy.*allowed for "
+                                          r"detection: none, step, multistep, cosine") as err:
+        train(detection(coco, tmp_path / "run", schedule="halve_on_plateau"))
+    assert "\n" not in str(err.value) and not (tmp_path / "run").exists()

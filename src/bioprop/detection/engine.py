@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..data import DatasetError
 from ..engine import distributed as dist_utils
+from ..engine.build import SCHEDULES
 from ..engine.config import ConfigError, TrainConfig
 from ..engine.evaluation import record_analysis
 from ..engine.pipeline import rank_batch
@@ -102,7 +103,15 @@ class DetectionTask(Task):
 
     def build_data(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> TaskData:
         """The train and test sets (their loaders follow in :meth:`model_built`, once the model is built: they
-        resize images as the model says)."""
+        resize images as the model says).
+
+        Raises:
+            ConfigError: ``halve_on_plateau``, which follows a training accuracy detection does not have.
+        """
+        if config.schedule == "halve_on_plateau":
+            allowed = ", ".join(name for name in SCHEDULES.names() if name != "halve_on_plateau")
+            raise ConfigError("schedule", "schedule 'halve_on_plateau' follows the training accuracy, which detection "
+                                          f"does not have; allowed for detection: {allowed}")
         root = config.data_root or None
         try:
             train_set = load_detection(config.dataset, "train", root)
