@@ -18,12 +18,8 @@ from bioprop.engine.checkpoint import RunWarning  # noqa: E402
 
 from detection_data import write_tiny_coco  # noqa: E402
 from test_detection_data import TINY_MODEL  # noqa: E402
-from test_engine import without_timing  # noqa: E402
+from test_engine import Killed, assert_resumed_equals_uninterrupted, without_timing  # noqa: E402
 from test_run_safety import damage_tensor_bytes, same_weights  # noqa: E402
-
-
-class Killed(Exception):
-    pass
 
 
 @pytest.fixture(scope="module")
@@ -56,17 +52,7 @@ def test_a_detection_run_resumed_after_a_kill_equals_the_uninterrupted_one(coco,
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
     resumed = train(detection(coco, tmp_path / "killed", resume=True))
 
-    a = load_checkpoint(tmp_path / "uninterrupted" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    log_a = read_records(tmp_path / "uninterrupted" / "metrics.jsonl")
-    log_b = read_records(tmp_path / "killed" / "metrics.jsonl")
-    assert without_timing(log_a) == without_timing(log_b)
-    assert [r["event"] for r in log_b if r["kind"] == "event"] == ["resume"]
+    log_b = assert_resumed_equals_uninterrupted(tmp_path / "uninterrupted", tmp_path / "killed")
     assert [r["step"] for r in log_b if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     epochs = [r for r in log_b if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]

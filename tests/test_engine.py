@@ -164,6 +164,23 @@ class Killed(Exception):
     pass
 
 
+def assert_resumed_equals_uninterrupted(uninterrupted: Path, killed: Path) -> list[dict]:
+    """The killed and resumed run in ``killed`` ends with the weights, momentum and log of ``uninterrupted``, and
+    its log holds one event, the resume; returns that log."""
+    a = load_checkpoint(uninterrupted / "checkpoint.pt")
+    b = load_checkpoint(killed / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    log_a = read_records(uninterrupted / "metrics.jsonl")
+    log_b = read_records(killed / "metrics.jsonl")
+    assert without_timing(log_a) == without_timing(log_b)
+    assert [r["event"] for r in log_b if r["kind"] == "event"] == ["resume"]
+    return log_b
+
+
 @pytest.mark.parametrize("kill_at", [30, 44])  # mid-epoch 2, and right after epoch 2's last step
 def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, kill_at):
     # dropout, momentum and a cosine schedule: every piece of state and randomness must come back exactly
@@ -180,17 +197,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, kill_at):
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
     resumed = train(small(tmp_path, "killed", resume=True, **options))
 
-    a = load_checkpoint(tmp_path / "uninterrupted" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    log_a = read_records(tmp_path / "uninterrupted" / "metrics.jsonl")
-    log_b = read_records(tmp_path / "killed" / "metrics.jsonl")
-    assert without_timing(log_a) == without_timing(log_b)
-    assert [r["event"] for r in log_b if r["kind"] == "event"] == ["resume"]
+    assert_resumed_equals_uninterrupted(tmp_path / "uninterrupted", tmp_path / "killed")
     assert resumed["final_test_error"] == reference["final_test_error"]
 
 
