@@ -1,4 +1,5 @@
-"""Evaluation and the running sums of training: loss and accuracy summed on the device, reduced over processes."""
+"""Evaluation and the running sums of training (loss and accuracy summed on the device, reduced over processes),
+and the analysis records of :func:`bioprop.metrics.training_metrics`."""
 from __future__ import annotations
 
 import time

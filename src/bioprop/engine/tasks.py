@@ -143,10 +143,11 @@ class Task(ABC):
         return NotImplementedError(f"task {self.name or type(self).__name__!r} does not define {part}(), which the "
                                    "engine's loop calls; define it, or give the task a run_class of its own")
 
-    def loss(self, config: TrainConfig, data: TaskData, model: nn.Module) -> LossFn | Any:
+    def loss(self, config: TrainConfig, data: TaskData, model: nn.Module) -> Any:
         """The loss of training (and evaluation) that :meth:`forward` applies, for the data that
         :meth:`build_data` returned (e.g. its number of classes) and the built model (e.g. its own loss): for
-        classification ``loss_fn(output (B/N, K), target (B/N,)) -> scalar``."""
+        classification a :data:`~bioprop.engine.build.LossFn`, ``loss_fn(output (B/N, K), target (B/N,)) ->
+        scalar``; for detection the model's own loss of a batch."""
         raise self._no_part("loss")
 
     def forward(self, model: nn.Module, loss_fn: LossFn, batch: Any, config: TrainConfig,
