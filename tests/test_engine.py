@@ -164,6 +164,23 @@ class Killed(Exception):
     pass
 
 
+def assert_resumed_equals_uninterrupted(uninterrupted: Path, killed: Path) -> list[dict]:
+    """The killed and resumed run in ``killed`` ends with the weights, momentum and log of ``uninterrupted``, and
+    its log holds one event, the resume; returns that log."""
+    a = load_checkpoint(uninterrupted / "checkpoint.pt")
+    b = load_checkpoint(killed / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+    log_a = read_records(uninterrupted / "metrics.jsonl")
+    log_b = read_records(killed / "metrics.jsonl")
+    assert without_timing(log_a) == without_timing(log_b)
+    assert [r["event"] for r in log_b if r["kind"] == "event"] == ["resume"]
+    return log_b
+
+
 @pytest.mark.parametrize("kill_at", [30, 44])  # mid-epoch 2, and right after epoch 2's last step
 def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, kill_at):
     # dropout, momentum and a cosine schedule: every piece of state and randomness must come back exactly
@@ -180,17 +197,7 @@ def test_resume_after_a_kill_equals_the_uninterrupted_run(tmp_path, kill_at):
     assert load_checkpoint(tmp_path / "killed" / "checkpoint.pt")["epoch"] == 1
     resumed = train(small(tmp_path, "killed", resume=True, **options))
 
-    a = load_checkpoint(tmp_path / "uninterrupted" / "checkpoint.pt")
-    b = load_checkpoint(tmp_path / "killed" / "checkpoint.pt")
-    assert a["model"].keys() == b["model"].keys()
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    log_a = read_records(tmp_path / "uninterrupted" / "metrics.jsonl")
-    log_b = read_records(tmp_path / "killed" / "metrics.jsonl")
-    assert without_timing(log_a) == without_timing(log_b)
-    assert [r["event"] for r in log_b if r["kind"] == "event"] == ["resume"]
+    assert_resumed_equals_uninterrupted(tmp_path / "uninterrupted", tmp_path / "killed")
     assert resumed["final_test_error"] == reference["final_test_error"]
 
 
@@ -570,12 +577,15 @@ def test_every_task_defines_the_loop_parts_or_runs_itself():
     from bioprop.engine.evaluation import RunningSums
     assert tasks_module.Task.LOOP_PARTS == ("loss", "forward", "new_window", "evaluate", "skipped_evaluation",
                                             "analysis")
+    assert tasks_module.Task.RESULT_PARTS == ("history_entry", "new_best", "better", "summary", "epoch_line")
     for name in tasks_module.list_tasks():
         cls = tasks_module.TASKS.get(name)
         if cls.run_class is None:
-            missing = [p for p in cls.LOOP_PARTS if getattr(cls, p) is getattr(tasks_module.Task, p)]
+            missing = [p for p in cls.LOOP_PARTS + cls.RESULT_PARTS if getattr(cls, p) is getattr(tasks_module.Task, p)]
             assert not missing, f"task {name!r} is trained by the loop but does not define {missing}"
-    assert tasks_module.TASKS.get("detection").run_class is not None
+    # both built-in tasks are trained by the loop (detection had a run class of its own before)
+    assert tasks_module.TASKS.get("detection").run_class is None
+    assert tasks_module.TASKS.get("classification").run_class is None
     window = ClassificationTask().new_window(torch.device("cpu"), 4)
     assert isinstance(window, RunningSums) and window.first_step == 5 and window.count == 0
 
@@ -589,7 +599,7 @@ def test_every_task_defines_the_loop_parts_or_runs_itself():
         def build_data(self, config, env, device):
             raise AssertionError
 
-    for part in tasks_module.Task.LOOP_PARTS:
+    for part in tasks_module.Task.LOOP_PARTS + tasks_module.Task.RESULT_PARTS:
         with pytest.raises(NotImplementedError, match=rf"^task 'Bare' does not define {part}\(\), which the engine's"):
             method = getattr(Bare(), part)
             method(*[None] * (method.__code__.co_argcount - 1))

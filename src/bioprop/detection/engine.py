@@ -1,193 +1,97 @@
 """The detection task behind ``train(config)`` for ``task = "detection"``: COCO-format data, a RetinaNet, AP.
 
-It follows the classification loop's contract (one process per rank, the lr a pure function of the step,
-randomness a function of ``(seed, epoch, rank)``, an atomic ``checkpoint.pt`` after every epoch, ``metrics.jsonl``
-records, ``final.json``), with detection's pieces: per-image targets, the model's own loss, and evaluation by
-COCO AP gathered from all ranks. ``batch_size`` is the global number of images per step.
+It is trained by the engine's loop (:class:`bioprop.engine.loop.Run`) like classification, with the same run
+directory, lock, verified checkpoints (``checkpoint.pt``, ``checkpoint.prev.pt``, ``best.pt``), divergence
+checks and logs; this module supplies detection's parts of it (:class:`~bioprop.engine.tasks.Task`):
 
-The run goes through the engine's named steps (:mod:`bioprop.engine.pipeline`): build data
-(:meth:`DetectionTask.build_data`, the loaders once the model gives its input resize), build model, build
-optimisation, restore, wrap.
+- data: the train and test sets, whose per-rank loaders follow once the model gives its input resize
+  (:meth:`DetectionTask.model_built`); ``batch_size`` is the global number of images per step;
+- the loss: the model's own (focal loss + smooth-L1, :meth:`RetinaNet.loss`), ``{"loss", "loss_cls",
+  "loss_box"}``, of which the loop back-propagates ``loss``;
+- the "train" records: the three losses averaged over the window (:class:`DetectionSums`);
+- evaluation: COCO AP of the test split, gathered from all ranks (``test_ap``, ``test_ap50``, ...);
+- results: ``best.pt`` is the epoch of the highest test AP; ``final.json`` holds ``task``, ``final_ap``,
+  ``final_ap50``, ..., ``best_ap`` and ``best_epoch``;
+- analysis: the weight statistics of :func:`bioprop.metrics.training_metrics` (alignment, sign concordance,
+  ``|W|``, ...). Its gradient metrics (the shadow backward) take a classification loss ``loss_fn(model(x), y)``
+  and are left empty for detection.
 """
 from __future__ import annotations
 
-import json
-import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 
 from ..data import DatasetError
 from ..engine import distributed as dist_utils
-from ..engine.build import lr_factor
-from ..engine.checkpoint import (CheckpointError, check_same_run, load_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state)
+from ..engine.build import SCHEDULES
 from ..engine.config import ConfigError, TrainConfig
-from ..engine.loop import StepInfo, TrainingDiverged
-from ..engine.pipeline import (build_model, build_optimisation, epoch_seed, rank_batch, seed_everything,
-                               set_lr, wrap_model)
-from ..engine.provenance import CODE_KEY, code_version
-from ..engine.runlog import MetricsLog, jsonable
+from ..engine.evaluation import record_analysis
+from ..engine.pipeline import rank_batch
+from ..engine.runlog import MetricsLog, TensorBoardLog
 from ..engine.tasks import Task, TaskData, register_task
 from ..models import list_models
-from ..rules import after_step
 from .coco import list_datasets, load_detection
 from .evaluation import AP_KEYS, evaluate_detector
-from .loader import DetectionLoader
+from .loader import Batch, DetectionLoader
 
-__all__ = ["DetectionTask", "DetectionRun", "CHECKPOINT_FORMAT"]
+__all__ = ["DetectionTask", "DetectionLoss", "DetectionSums", "LOSS_KEYS"]
 
-CHECKPOINT_FORMAT = 1
+#: the parts of the detection loss, as the "train" records hold them (and ``train_<key>`` the "epoch" records)
+LOSS_KEYS = ("loss", "loss_cls", "loss_box")
 
 
-class DetectionRun:
-    """One detection training run; :meth:`run` does all of it and returns the summary."""
+class DetectionLoss:
+    """The model's own loss of a batch: ``loss_fn(outputs, batch) -> {"loss", "loss_cls", "loss_box"}`` (scalars).
 
-    def __init__(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device,
-                 on_step: Callable[[Any], None] | None, task: DetectionTask | None = None) -> None:
-        self.config, self.env, self.device, self.on_step = config, env, device, on_step
-        self.task = task if task is not None else DetectionTask()
-        self.out = config.resolved_output_dir()
-        self.main = env.is_main
+    Args:
+        model: the RetinaNet itself (not its DDP / compile wrapper), whose anchors and box coder the loss uses.
+    """
 
-    def _build(self) -> None:
-        """Build data → build model → build optimisation → wrap (restoring follows in :meth:`run`)."""
-        config, env = self.config, self.env
-        seed_everything(config.seed)
-        data = self.task.build_data(config, env, self.device)
-        model = self.model = build_model(config, self.device, data.model_kwargs, None, rule_error_prefix=False)
-        self.task.add_loaders(data, model, config, env, self.device)
-        self.train_loader, self.test_loader = data.train_loader, data.test_loader
-        self.steps_per_epoch = len(self.train_loader)
-        self.optimisation = build_optimisation(config, model, None)
-        self.optimizer = self.optimisation.optimizer
-        self.train_model = wrap_model(model, config, env, self.device)
-        self.epoch, self.step, self.elapsed = 0, 0, 0.0
-        self.history: list[dict[str, Any]] = []
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
 
-    def _state(self) -> dict[str, Any]:
-        return {"format": CHECKPOINT_FORMAT, "task": "detection", "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "step": self.step,
-                "elapsed_s": self.elapsed, "history": [dict(h) for h in self.history], "rng": rng_state(),
-                "config": self.config.to_dict(), "log_bytes": self.log.tell(),
-                **({"constraints": {c.name: c.state_dict() for c in self.optimisation.constraints}}
-                   if self.optimisation.constraints else {})}
+    def __call__(self, outputs: tuple[Tensor, Tensor], batch: Batch) -> dict[str, Tensor]:
+        """``outputs``: class logits (B/N, A, K) and box deltas (B/N, A, 4) of ``batch.images``."""
+        return self.model.loss(outputs, batch.targets, tuple(batch.images.shape[-2:]))  # type: ignore[operator]
 
-    def run(self) -> dict[str, Any]:
-        config, ckpt_path = self.config, self.out / "checkpoint.pt"
-        checkpoint = None
-        if config.resume:
-            checkpoint = load_checkpoint(ckpt_path, map_location="cpu")
-            if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("task") != "detection":
-                raise CheckpointError(f"{ckpt_path} is not a detection checkpoint of format {CHECKPOINT_FORMAT}")
-            check_same_run(checkpoint["config"], config.to_dict(), ckpt_path)
-        elif self.main and ckpt_path.exists() and not config.overwrite:
-            raise ConfigError("output_dir", f"{self.out} already holds a run (checkpoint.pt); pass --resume to "
-                                            "continue it, --overwrite to start over, or another --output-dir")
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self._build()
-        if checkpoint is not None:
-            self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-            for constraint in self.optimisation.constraints:
-                constraint.load_state_dict(checkpoint["constraints"][constraint.name])
-            self.epoch, self.step = int(checkpoint["epoch"]), int(checkpoint["step"])
-            self.elapsed, self.history = float(checkpoint["elapsed_s"]), list(checkpoint["history"])
-            set_rng_state(checkpoint["rng"])
-        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=self.main,
-                              resume_at=None if checkpoint is None else int(checkpoint["log_bytes"]))
-        try:
-            if self.main:
-                (self.out / "config.json").write_text(json.dumps(
-                    {**config.to_dict(), CODE_KEY: code_version()}, indent=2) + "\n")
-            while self.epoch < config.epochs:
-                self._epoch(self.epoch + 1)
-            return self._finish()
-        finally:
-            self.log.close()
 
-    def _epoch(self, epoch: int) -> None:
-        config, env = self.config, self.env
-        seed_everything(epoch_seed(config.seed, epoch, env.rank))
-        self.train_loader.set_epoch(epoch)
-        self.train_model.train()
-        max_steps = int(getattr(config, "max_steps", 0) or 0)
-        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, loss_cls, loss_box, steps
-        start, lr = time.perf_counter(), config.lr
-        for i, batch in enumerate(self.train_loader):
-            if max_steps and i >= max_steps:
-                break
-            lr = config.lr * lr_factor(config, self.step, self.steps_per_epoch)
-            set_lr(self.optimizer, lr)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=config.amp):
-                outputs = self.train_model(batch.images)  # (B, N, K), (B, N, 4)
-            losses = self.model.loss(outputs, batch.targets, tuple(batch.images.shape[-2:]))
-            self.optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            self.optimisation.step()  # optimizer step, then the constraints in their safe order
-            after_step(self.model, self.step)  # the rules' per-step work (weight mirrors learn B)
-            self.step += 1
-            sums += torch.stack([losses[k].detach().double() for k in ("loss", "loss_cls", "loss_box")]
-                                + [sums.new_tensor(1.0)])
-            if config.log_every and self.step % config.log_every == 0:
-                values = {k: float(v.detach()) for k, v in losses.items()}
-                loss = values["loss"]
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(f"training diverged in epoch {epoch}: the loss became {loss} at step "
-                                           f"{self.step}; the last good checkpoint is kept. Try a lower --lr.")
-                self.log.write({"kind": "train", "epoch": epoch, "step": self.step, "lr": lr,
-                                **values})
-            if self.on_step is not None:
-                self.on_step(StepInfo(epoch, self.step, losses["loss"].detach(), self.model, self.optimizer))
-        loss, loss_cls, loss_box, steps = dist_utils.all_reduce_sum(sums, env).tolist()
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"training diverged in epoch {epoch}: the loss became {loss}; the last good "
-                                   "checkpoint is kept. Try a lower --lr.")
-        train_time = time.perf_counter() - start
-        record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": self.step,
-                                  "train_loss": loss / max(steps, 1), "train_loss_cls": loss_cls / max(steps, 1),
-                                  "train_loss_box": loss_box / max(steps, 1)}
-        eval_start = time.perf_counter()
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
-            scores = evaluate_detector(self.model, self.test_loader, amp=config.amp, env=env)
-            record.update({f"test_{k}": v for k, v in scores.items()})
-        eval_time = time.perf_counter() - eval_start
-        record.update(epoch_time_s=train_time, eval_time_s=eval_time, lr=lr)
-        self.epoch, self.elapsed = epoch, self.elapsed + train_time + eval_time
-        self.history.append({"epoch": epoch, **{k: record.get(f"test_{k}") for k in AP_KEYS}})
-        self.log.write(record)
-        if self.main and config.verbose:
-            ap = "" if "test_ap" not in record else (f"  test AP {100 * record['test_ap']:.1f}  AP50 "
-                                                     f"{100 * record['test_ap50']:.1f}")
-            print(f"epoch {epoch}/{config.epochs}  loss {record['train_loss']:.4f}{ap}  "
-                  f"({train_time:.0f}s + {eval_time:.0f}s eval)", flush=True)
-        if self.main:
-            save_checkpoint(self._state(), self.out / "checkpoint.pt")
+class DetectionSums:
+    """The three losses summed on the device between two reads, weighted by the images of each step."""
 
-    def _finish(self) -> dict[str, Any]:
-        config = self.config
-        last = next((h for h in reversed(self.history) if h["ap"] is not None), {})
-        summary: dict[str, Any] = {
-            "task": "detection", "rule": config.rule, "model": config.model, "dataset": config.dataset,
-            "epochs": self.epoch, "steps": self.step,
-            **{f"final_{k}": last.get(k) for k in AP_KEYS},
-            "best_ap": max((h["ap"] for h in self.history if h["ap"] is not None), default=None),
-            "final_test_error": None, "best_test_error": None,
-            "wall_time_s": self.elapsed, "world_size": self.env.world_size, "output_dir": str(self.out),
-            CODE_KEY: code_version(),
-        }
-        if self.main:
-            (self.out / "final.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
-        return summary
+    def __init__(self, device: torch.device, step: int) -> None:
+        self.sums = torch.zeros(len(LOSS_KEYS), dtype=torch.float64, device=device)
+        self.count = 0  # images, known on the host
+        self.first_step = step + 1
+        self.start = time.perf_counter()
+
+    @torch.no_grad()
+    def add(self, loss: Tensor, output: dict[str, Tensor], target: Batch) -> None:
+        """``output``: the loss dict of the step; ``target``: its batch."""
+        n = len(target.targets)
+        self.sums += torch.stack([output[k].detach().double() for k in LOSS_KEYS]) * n
+        self.count += n
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    def read(self, env: dist_utils.DistEnv, step: int) -> dict[str, float]:
+        """``{"loss": Σ loss·n, "loss_cls": ..., "loss_box": ..., "n": images}`` over all processes since the
+        last read; starts a new window."""
+        values = torch.cat([self.sums, self.sums.new_tensor([float(self.count)])])
+        *sums, n = dist_utils.all_reduce_sum(values, env).tolist()
+        self.sums.zero_()
+        self.count, self.first_step, self.start = 0, step + 1, time.perf_counter()
+        return {**dict(zip(LOSS_KEYS, sums)), "n": n}
 
 
 @register_task("detection", description="COCO-format boxes with a RetinaNet; COCO AP (docs/detection.md)")
 class DetectionTask(Task):
     """Boxes and classes of the objects in an image (COCO-format data, a RetinaNet), scored by COCO AP."""
 
-    run_class = DetectionRun
+    rule_error_prefix = False  # the detector's own refusal (e.g. of a direct rule) already names the model
 
     def dataset_names(self) -> list[str]:
         return list_datasets()
@@ -195,9 +99,19 @@ class DetectionTask(Task):
     def model_names(self) -> list[str]:
         return list_models("detection")
 
+    # ------------------------------------------------------------------------------------------------- data
+
     def build_data(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device) -> TaskData:
-        """The train and test sets (their loaders follow in :meth:`add_loaders`, once the model is built: they
-        resize images as the model says)."""
+        """The train and test sets (their loaders follow in :meth:`model_built`, once the model is built: they
+        resize images as the model says).
+
+        Raises:
+            ConfigError: ``halve_on_plateau``, which follows a training accuracy detection does not have.
+        """
+        if config.schedule == "halve_on_plateau":
+            allowed = ", ".join(name for name in SCHEDULES.names() if name != "halve_on_plateau")
+            raise ConfigError("schedule", "schedule 'halve_on_plateau' follows the training accuracy, which detection "
+                                          f"does not have; allowed for detection: {allowed}")
         root = config.data_root or None
         try:
             train_set = load_detection(config.dataset, "train", root)
@@ -212,7 +126,7 @@ class DetectionTask(Task):
         return TaskData(None, None, None, model_kwargs, extra={"train_set": train_set, "test_set": test_set})
 
     @staticmethod
-    def add_loaders(data: TaskData, model: Any, config: TrainConfig, env: dist_utils.DistEnv,
+    def model_built(data: TaskData, model: nn.Module, config: TrainConfig, env: dist_utils.DistEnv,
                     device: torch.device) -> None:
         """The per-rank loaders, resizing as ``model`` (a RetinaNet: ``min_size``, ``max_size``) says.
 
@@ -228,3 +142,89 @@ class DetectionTask(Task):
         if len(data.train_loader) == 0:
             raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set "
                                             f"({len(train_set)} images)")
+
+    @staticmethod
+    def loss(config: TrainConfig, data: TaskData, model: nn.Module) -> DetectionLoss:
+        """The model's own loss."""
+        return DetectionLoss(model)
+
+    # ------------------------------------------------------------------------------------------- training step
+
+    @staticmethod
+    def forward(model: nn.Module, loss_fn: DetectionLoss, batch: Batch, config: TrainConfig,
+                device: torch.device) -> tuple[Tensor, dict[str, Tensor], Tensor, Batch]:
+        """``(loss, {"loss", "loss_cls", "loss_box"}, images (B/N, 3, H, W), batch)`` of one training batch."""
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+            outputs = model(batch.images)  # (B/N, A, K), (B/N, A, 4)
+        losses = loss_fn(outputs, batch)
+        return losses["loss"], losses, batch.images, batch
+
+    @staticmethod
+    def new_window(device: torch.device, step: int) -> DetectionSums:
+        """The device-side sums of the three losses of the steps after ``step``."""
+        return DetectionSums(device, step)
+
+    # ----------------------------------------------------------------------------------------------- evaluation
+
+    @staticmethod
+    def evaluate(model: nn.Module, data: TaskData, loss_fn: DetectionLoss, config: TrainConfig,
+                 device: torch.device, env: dist_utils.DistEnv) -> dict[str, Any]:
+        """``test_ap``, ``test_ap50``, ``test_ap75``, ``test_ap_small``, ``test_ap_medium``, ``test_ap_large``
+        (fractions), ``test_detections`` and ``test_images_detected`` over the whole test split."""
+        scores = evaluate_detector(model, data.test_loader, amp=config.amp, env=env)
+        return {f"test_{k}": v for k, v in scores.items()}
+
+    @staticmethod
+    def skipped_evaluation() -> dict[str, Any]:
+        """An epoch without evaluation records no test fields."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------------- metrics
+
+    @staticmethod
+    def analysis(model: nn.Module, x: Tensor, y: Batch, loss_fn: DetectionLoss, head: dict[str, Any],
+                 device: torch.device, log: MetricsLog, layer_log: MetricsLog, tb: TensorBoardLog) -> None:
+        """The weight statistics of :func:`bioprop.metrics.training_metrics` (the gradient metrics need a
+        classification loss and stay empty)."""
+        record_analysis(model, head, device, log, layer_log, tb)
+
+    # ------------------------------------------------------------------------------------------------- results
+
+    @staticmethod
+    def history_entry(record: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's AP values (None where it was not evaluated)."""
+        return {"epoch": record["epoch"], **{k: record.get(f"test_{k}") for k in AP_KEYS}}
+
+    @staticmethod
+    def new_best() -> dict[str, Any]:
+        return {"ap": None, "epoch": 0}
+
+    @staticmethod
+    def better(best: dict[str, Any], record: dict[str, Any], data: TaskData) -> dict[str, Any] | None:
+        """The epoch with the highest test AP."""
+        ap = record.get("test_ap")
+        if ap is None or (best["ap"] is not None and not ap > best["ap"]):
+            return None
+        return {"ap": ap, "epoch": record["epoch"]}
+
+    @staticmethod
+    def summary(history: list[dict[str, Any]], best: dict[str, Any], model: nn.Module,
+                data: TaskData) -> dict[str, Any]:
+        """``task``, the last evaluated epoch's AP values as ``final_<key>``, ``best_ap`` and its epoch; the
+        classification error fields are None."""
+        last = next((h for h in reversed(history) if h["ap"] is not None), {})
+        return {
+            "task": "detection",
+            **{f"final_{k}": last.get(k) for k in AP_KEYS},
+            "best_ap": max((h["ap"] for h in history if h["ap"] is not None), default=None),
+            "best_epoch": best["epoch"],
+            "final_test_error": None, "best_test_error": None,
+        }
+
+    @staticmethod
+    def epoch_line(record: dict[str, Any], epochs: int) -> str:
+        """``epoch 2/12  loss 0.4321  test AP 31.2  AP50 52.0  (40s + 5s eval)``."""
+        ap = "" if record.get("test_ap") is None else (f"  test AP {100 * record['test_ap']:.1f}  AP50 "
+                                                       f"{100 * record['test_ap50']:.1f}")
+        return (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}{ap}  "
+                f"({record['epoch_time_s']:.0f}s + {record['eval_time_s']:.0f}s eval)")

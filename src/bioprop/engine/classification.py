@@ -2,11 +2,12 @@
 
 Its parts of a run (:class:`~bioprop.engine.tasks.Task`): the data set's splits and loaders, the loss, the
 forward pass of a training step with its running sums, the evaluation record of an epoch, and the analysis
-records of :func:`bioprop.metrics.training_metrics`.
+records of :func:`bioprop.metrics.training_metrics`, and the results: best.pt's epoch (lowest validation error,
+else lowest test error), ``final.json``'s error fields and the epoch line.
 """
 from __future__ import annotations
 
-import time
+import math
 from typing import Any
 
 import torch
@@ -18,9 +19,9 @@ from ..models import list_models
 from .build import LossFn, build_loss
 from .config import ConfigError, TrainConfig
 from .distributed import DistEnv
-from .evaluation import RunningSums, evaluate
+from .evaluation import RunningSums, evaluate, record_analysis
 from .pipeline import rank_batch
-from .runlog import MetricsLog, TensorBoardLog
+from .runlog import MetricsLog, TensorBoardLog, epoch_line
 from .tasks import Task, TaskData, register_task
 
 __all__ = ["ClassificationTask", "dataset_shape"]
@@ -70,7 +71,7 @@ class ClassificationTask(Task):
                         dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size),
                         torch.zeros(2, in_channels, image_size, image_size, device=device))
 
-    def loss(self, config: TrainConfig, data: TaskData) -> LossFn:
+    def loss(self, config: TrainConfig, data: TaskData, model: nn.Module) -> LossFn:
         """The config's loss for the data's classes."""
         return build_loss(config.loss, data.num_classes)
 
@@ -119,15 +120,47 @@ class ClassificationTask(Task):
                  device: torch.device, log: MetricsLog, layer_log: MetricsLog, tb: TensorBoardLog) -> None:
         """Record :func:`bioprop.metrics.training_metrics` on a batch, with the time it took: the per-layer values
         go to ``layer_log`` (``metrics_layers.jsonl``), their summary (mean/min/max over layers) to ``log``."""
-        start = time.perf_counter()
-        values = metrics.training_metrics(model, x, y, loss_fn)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - start
-        values = metrics.jsonable(values)
-        layer_log.write({**head, "metrics": values})
-        log.write({**head, "time_s": seconds, "summary": metrics.summarize_metrics(values)})
-        tb.record({**head, "metrics": values})
+        record_analysis(model, head, device, log, layer_log, tb, x, y, loss_fn)
+
+    # ------------------------------------------------------------------------------------------------- results
+
+    @staticmethod
+    def history_entry(record: dict[str, Any]) -> dict[str, Any]:
+        """The epoch's test (and validation) error."""
+        return {"epoch": record["epoch"], "test_error": record["test_error"], "val_error": record.get("val_error")}
+
+    @staticmethod
+    def new_best() -> dict[str, Any]:
+        """``error`` selects (lower is better); ``test_error`` is the test error of that epoch."""
+        return {"error": math.inf, "epoch": 0, "test_error": math.inf}
+
+    @staticmethod
+    def better(best: dict[str, Any], record: dict[str, Any], data: TaskData) -> dict[str, Any] | None:
+        """The epoch with the lowest validation error (with a validation split), else the lowest test error."""
+        selected = record.get("val_error") if data.val_loader is not None else record["test_error"]
+        if selected is None or not selected < best["error"]:
+            return None
+        return {"error": selected, "epoch": record["epoch"], "test_error": record["test_error"]}
+
+    @staticmethod
+    def summary(history: list[dict[str, Any]], best: dict[str, Any], model: nn.Module,
+                data: TaskData) -> dict[str, Any]:
+        """Final and best test error (%), best.pt's epoch and what selected it, the per-layer alignment angles
+        (degrees)."""
+        errors = [h["test_error"] for h in history if h["test_error"] is not None]
+        return {
+            "final_test_error": errors[-1] if errors else None,
+            "best_test_error": min(errors) if errors else None,
+            "best_epoch": best["epoch"],
+            "selected_by": "val_error" if data.val_loader is not None else "test_error",
+            "test_error_at_best": best["test_error"],
+            "alignment": metrics.alignment(model),
+        }
+
+    @staticmethod
+    def epoch_line(record: dict[str, Any], epochs: int) -> str:
+        """Train loss and accuracy, validation and test error, the epoch's time."""
+        return epoch_line(record, epochs)
 
 
 def dataset_shape(dataset: Any) -> tuple[int, int, int]:

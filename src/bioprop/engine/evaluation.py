@@ -1,16 +1,21 @@
-"""Evaluation and the running sums of training: loss and accuracy summed on the device, reduced over processes."""
+"""Evaluation and the running sums of training (loss and accuracy summed on the device, reduced over processes),
+and the analysis records of :func:`bioprop.metrics.training_metrics`."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+from .. import metrics
 from . import distributed as dist_utils
 from .build import LossFn
 
-__all__ = ["evaluate", "RunningSums"]
+if TYPE_CHECKING:
+    from .runlog import MetricsLog, TensorBoardLog
+
+__all__ = ["evaluate", "RunningSums", "record_analysis"]
 
 
 @torch.no_grad()
@@ -60,10 +65,32 @@ class RunningSums:
     def seconds(self) -> float:
         return time.perf_counter() - self.start
 
-    def read(self, env: dist_utils.DistEnv, step: int) -> tuple[float, float, float]:
-        """``(loss·n, correct, n)`` summed over all processes since the last read; starts a new window."""
+    def read(self, env: dist_utils.DistEnv, step: int) -> dict[str, float]:
+        """``{"loss": loss·n, "acc": correct, "n": n}`` summed over all processes since the last read; starts a
+        new window."""
         values = torch.cat([self.sums, self.sums.new_tensor([float(self.count)])])
         loss_sum, correct, n = dist_utils.all_reduce_sum(values, env).tolist()
         self.sums.zero_()
         self.count, self.first_step, self.start = 0, step + 1, time.perf_counter()
-        return loss_sum, correct, n
+        return {"loss": loss_sum, "acc": correct, "n": n}
+
+
+def record_analysis(model: nn.Module, head: dict[str, Any], device: torch.device, log: MetricsLog,
+                    layer_log: MetricsLog, tb: TensorBoardLog, x: Tensor | None = None, y: Tensor | None = None,
+                    loss_fn: LossFn | None = None) -> None:
+    """Record :func:`bioprop.metrics.training_metrics` of ``model`` (with a batch ``x``, ``y`` and ``loss_fn``
+    also the gradient metrics), with the time it took: the per-layer values go to ``layer_log``
+    (``metrics_layers.jsonl``), their summary (mean/min/max over layers) to ``log``.
+
+    Args:
+        head: the record's first fields (``kind``, ``epoch``, ``step``).
+    """
+    start = time.perf_counter()
+    values = metrics.training_metrics(model, x, y, loss_fn)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    values = metrics.jsonable(values)
+    layer_log.write({**head, "metrics": values})
+    log.write({**head, "time_s": seconds, "summary": metrics.summarize_metrics(values)})
+    tb.record({**head, "metrics": values})

@@ -2,10 +2,13 @@
 optimisation → restore → wrap), then the loop, with evaluation, checkpoints and logs. One epoch, per process::
 
     reseed(seed, epoch, rank); loader.set_epoch(epoch)         # order and randomness depend on (seed, epoch)
-    for x, y in loader:                                         # x (B/N, C, H, W) on device, y (B/N,)
+    for batch in loader:                                        # e.g. x (B/N, C, H, W) on device, y (B/N,)
         lr = config.lr * lr_factor(step)                        # pure function of the step
-        loss = loss_fn(model(x), y); loss.backward(); optimizer.step(); constraints(); rules' after-step
-    evaluate → "epoch" record → best.pt → checkpoint.pt (atomic)
+        loss = task.forward(model, batch); loss.backward(); optimizer.step(); constraints(); rules' after-step
+    task.evaluate → "epoch" record → best.pt (task.better) → checkpoint.pt (atomic)
+
+The task (:class:`~bioprop.engine.tasks.Task`) supplies every part that differs between tasks, down to the keys
+of ``final.json``; the loop names none.
 
 Because everything random is a function of ``(seed, epoch, rank)`` and every other piece of state is in the
 checkpoint, resuming from an end-of-epoch checkpoint gives bit-for-bit the run that was never stopped.
@@ -24,21 +27,20 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from .. import metrics
 from ..rules import after_step
 from . import distributed as dist_utils
 from .build import lr_factor
 from .config import TrainConfig, check_values
-from .evaluation import RunningSums, evaluate
+from .evaluation import evaluate
 from .pipeline import (build_model, build_optimisation, epoch_seed, seed_everything, set_lr,
                        wrap_model)
 from .plateau import PlateauHalving
 from .provenance import CODE_KEY, code_version
 from .rundir import (RunLock, check_output_dir, divergence_advice, make_output_dir, refuse_existing,
                      remove_run_files, resume_checkpoint)
-from .runlog import MetricsLog, TensorBoardLog, epoch_line, jsonable, progress
+from .runlog import MetricsLog, TensorBoardLog, jsonable, progress
 from .state import CHECKPOINT_FORMAT, restore_run, save_run
-from .tasks import Task, create_task
+from .tasks import StepWindow, Task, create_task
 
 __all__ = ["train", "evaluate", "TrainingDiverged", "StepInfo", "CHECKPOINT_FORMAT", "LAYERS_LOG", "Run",
            "seed_everything", "epoch_seed"]
@@ -72,8 +74,9 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
         on_step: optional callback after every optimizer step (e.g. custom logging).
 
     Returns:
-        The summary: rule, model, dataset, epochs, steps, best and final test error (%), final per-layer
-        alignment angles (degrees), wall time, output directory.
+        The summary: rule, model, dataset, epochs, steps, the task's results (:meth:`Task.summary`; for
+        classification best and final test error (%), final per-layer alignment angles (degrees)), wall time,
+        output directory.
 
     Raises:
         ConfigError: a bad config value.
@@ -106,7 +109,7 @@ class Run:
     The set-up is a short pipeline of named steps (:meth:`_build`): build data (the task's), build model,
     build optimisation, restore; :meth:`_wrap` follows once every rank has passed its checks. The task
     (:class:`~bioprop.engine.tasks.Task`, e.g. the classification task) supplies the data, the loss, the
-    forward pass of a step, the evaluation and the analysis records.
+    forward pass of a step, the evaluation, the analysis records and the results (best epoch, summary).
     """
 
     def __init__(self, config: TrainConfig, env: dist_utils.DistEnv, device: torch.device,
@@ -161,14 +164,16 @@ class Run:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         seed_everything(config.seed)
-        data = self.data = self.task.build_data(config, self.env, self.device)
+        task, data = self.task, self.task.build_data(config, self.env, self.device)
+        self.data = data
+        self.model = build_model(config, self.device, data.model_kwargs, data.example_input,
+                                 rule_error_prefix=task.rule_error_prefix)
+        task.model_built(data, self.model, config, self.env, self.device)
         self.train_loader, self.test_loader, self.val_loader = data.train_loader, data.test_loader, data.val_loader
-        self.num_classes = data.num_classes
         self.steps_per_epoch = len(self.train_loader)
         if config.max_steps:  # the schedule and the step counter see the capped epoch as a whole epoch
             self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps)
-        self.model = build_model(config, self.device, data.model_kwargs, data.example_input)
-        self.optimisation = build_optimisation(config, self.model, self.task.loss(config, data))
+        self.optimisation = build_optimisation(config, self.model, task.loss(config, data, self.model))
         self.constraints, self.optimizer = self.optimisation.constraints, self.optimisation.optimizer
         self.loss_fn = self.optimisation.loss_fn
         self._init_progress()
@@ -182,7 +187,7 @@ class Run:
         self.loss_reference: float | None = None  # the first logged training loss (divergence_factor)
         self.divergence_warned = False
         self.analysed_step = -1  # the step of the last analysis record
-        self.best: dict[str, Any] = {"error": math.inf, "epoch": 0, "test_error": math.inf}
+        self.best: dict[str, Any] = self.task.new_best()
         self.history: list[dict[str, Any]] = []
         self.plateau = (PlateauHalving(config.plateau_smoothing, config.plateau_halvings, config.plateau_stop_error)
                         if config.schedule == "halve_on_plateau" else None)
@@ -246,7 +251,7 @@ class Run:
         self.train_loader.set_epoch(epoch)
         self.train_model.train()
         read_every = config.log_every or 50  # also how often NaN/inf is looked for
-        totals = [0.0, 0.0, 0.0]  # loss·n, correct, n over the epoch, all processes
+        totals: dict[str, float] = {}  # the window's sums over the epoch, all processes
         window = self.task.new_window(device, self.step)
         bar = progress(self.train_loader, enabled=config.progress and self.main, total=self.steps_per_epoch,
                        desc=f"epoch {epoch}/{config.epochs}")
@@ -257,13 +262,13 @@ class Run:
             if self.plateau is not None:
                 lr *= self.plateau.factor
             set_lr(self.optimizer, lr)
-            loss, logits, x, y = self.task.forward(self.train_model, self.loss_fn, batch, config, device)
+            loss, output, x, y = self.task.forward(self.train_model, self.loss_fn, batch, config, device)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimisation.step()  # optimizer step, then the constraints in their safe order
             after_step(self.model, self.step)  # the rules' per-step work (weight mirrors learn B)
             self.step += 1
-            window.add(loss, logits, y)
+            window.add(loss, output, y)
             if self.step % read_every == 0:
                 self._read_window(window, totals, epoch, lr, bar)
             if config.metrics_every and self.step % config.metrics_every == 0 and self.main:
@@ -280,25 +285,28 @@ class Run:
         train_time = time.perf_counter() - start
         self._end_epoch(epoch, totals, train_time)
 
-    def _read_window(self, window: RunningSums, totals: list[float], epoch: int, lr: float, bar: Any,
+    def _read_window(self, window: StepWindow, totals: dict[str, float], epoch: int, lr: float, bar: Any,
                      write: bool = True) -> None:
         """Reduce the window's sums over processes, stop on NaN/inf, write a "train" record."""
         first_step, seconds = window.first_step, window.seconds()
-        loss_sum, correct, n = window.read(self.env, self.step)
-        for i, value in enumerate((loss_sum, correct, n)):
-            totals[i] += value
+        sums = window.read(self.env, self.step)
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + value
+        loss_sum, n = sums["loss"], sums["n"]
         if not math.isfinite(loss_sum):
             self._diverged(epoch, f"the loss became {loss_sum} between steps {first_step} and {self.step}")
         if n == 0:
             return
         self._check_explosion(epoch, loss_sum / n, first_step)
-        record = {"kind": "train", "epoch": epoch, "step": self.step, "loss": loss_sum / n, "acc": correct / n,
-                  "lr": lr, "samples_per_s": n / max(seconds, 1e-9)}
+        means = {key: value / n for key, value in sums.items() if key != "n"}
+        record = {"kind": "train", "epoch": epoch, "step": self.step, **means, "lr": lr,
+                  "samples_per_s": n / max(seconds, 1e-9)}
         if write and self.config.log_every:
             self._write(record)
         if bar is not None:
-            bar.set_postfix_str(f"loss {record['loss']:.4f}  acc {100 * record['acc']:.2f}%  "
-                                f"{record['samples_per_s']:.0f} samples/s", refresh=False)
+            shown = [f"{key} {100 * value:.2f}%" if key == "acc" else f"{key} {value:.4f}"
+                     for key, value in means.items()]
+            bar.set_postfix_str("  ".join([*shown, f"{record['samples_per_s']:.0f} samples/s"]), refresh=False)
 
     def _diverged(self, epoch: int, what: str, event: str = "nan") -> None:
         advice = divergence_advice(self.out, self.config.lr, self.epoch, self.good_checkpoint,
@@ -338,18 +346,18 @@ class Run:
         self.task.analysis(self.model, x, y, self.loss_fn, {"kind": "analysis", "epoch": epoch, "step": self.step},
                            self.device, self.log, self.layer_log, self.tb)
 
-    def _end_epoch(self, epoch: int, totals: list[float], train_time: float) -> None:
-        config = self.config
-        loss_sum, correct, n = totals
+    def _end_epoch(self, epoch: int, totals: dict[str, float], train_time: float) -> None:
+        config, task = self.config, self.task
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             self._diverged(epoch, "the weights became NaN or infinite")
+        n = max(totals.get("n", 0.0), 1.0)
         record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": self.step,
-                                  "train_loss": loss_sum / max(n, 1), "train_acc": correct / max(n, 1)}
+                                  **{f"train_{key}": value / n for key, value in totals.items() if key != "n"}}
         eval_start = time.perf_counter()
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            record.update(self.task.evaluate(self.model, self.data, self.loss_fn, config, self.device, self.env))
+            record.update(task.evaluate(self.model, self.data, self.loss_fn, config, self.device, self.env))
         else:
-            record.update(self.task.skipped_evaluation())
+            record.update(task.skipped_evaluation())
         eval_time = time.perf_counter() - eval_start
         record.update(epoch_time_s=train_time, eval_time_s=eval_time,
                       lr=self.optimizer.param_groups[0]["lr"])
@@ -358,34 +366,26 @@ class Run:
             record.update(smoothed_train_error=self.plateau.smoothed, lr_halvings=self.plateau.halvings)
         self.epoch = epoch
         self.elapsed += train_time + eval_time
-        self.history.append({"epoch": epoch, "test_error": record["test_error"],
-                             "val_error": record.get("val_error")})
+        self.history.append(task.history_entry(record))
         self._write(record)
         if self.main and config.verbose:
-            print(epoch_line(record, config.epochs), flush=True)
+            print(task.epoch_line(record, config.epochs), flush=True)
         if self.plateau is not None and self.plateau.stop_reason:
             self._write({"kind": "event", "event": "plateau_stop", "epoch": epoch, "step": self.step,
                          "message": f"stopped after epoch {epoch}: {self.plateau.stop_reason}"})
 
-        selected = record.get("val_error") if self.val_loader is not None else record["test_error"]
-        improved = selected is not None and selected < self.best["error"]
-        if improved:
-            self.best = {"error": selected, "epoch": epoch, "test_error": record["test_error"]}
+        best = task.better(self.best, record, self.data)
+        if best is not None:
+            self.best = best
         if self.main:
-            save_run(self, best=improved)
+            save_run(self, best=best is not None)
 
     def _finish(self) -> dict[str, Any]:
         config = self.config
-        errors = [h["test_error"] for h in self.history if h["test_error"] is not None]
         summary: dict[str, Any] = {
             "rule": config.rule, "model": config.model, "dataset": config.dataset, "epochs": self.epoch,
             "steps": self.step,
-            "final_test_error": errors[-1] if errors else None,
-            "best_test_error": min(errors) if errors else None,
-            "best_epoch": self.best["epoch"],
-            "selected_by": "val_error" if self.val_loader is not None else "test_error",
-            "test_error_at_best": self.best["test_error"],
-            "alignment": metrics.alignment(self.model),
+            **self.task.summary(self.history, self.best, self.model, self.data),
             "wall_time_s": self.elapsed,
             "world_size": self.env.world_size,
             "output_dir": str(self.out),

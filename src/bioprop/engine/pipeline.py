@@ -2,9 +2,9 @@
 
     build data (Task.build_data) → build model → build optimisation → restore (the run's checkpoint) → wrap
 
-Each step is a function of the config and what the steps before it built, so a task's run (classification in
-:mod:`bioprop.engine.loop`, detection in :mod:`bioprop.detection.engine`) composes the same pieces, and the seeds
-of every epoch come from :func:`epoch_seed`.
+Each step is a function of the config and what the steps before it built, so every run (the engine's loop,
+:mod:`bioprop.engine.loop`, for classification and detection alike, or a task's own ``run_class``) composes the
+same pieces, and the seeds of every epoch come from :func:`epoch_seed`.
 """
 from __future__ import annotations
 

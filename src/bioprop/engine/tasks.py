@@ -1,10 +1,11 @@
 """What a training run learns to do: a :class:`Task`, chosen by the config's ``task`` from :data:`TASKS`.
 
 The loop (:mod:`bioprop.engine.loop`) is the same for every task; a task supplies the parts that differ, the
-data and its loaders, the loss, evaluation and the metrics records, and names the data sets and models it can
-train. Classification (:mod:`bioprop.engine.classification`) is built in; :mod:`bioprop.detection` registers
-``"detection"`` when it is imported. A new task is a subclass registered with :func:`register_task`; neither
-the loop nor the config names one.
+data and its loaders, the loss, evaluation and the metrics records, which epoch is the best one and what
+``final.json`` says, and names the data sets and models it can train. Classification
+(:mod:`bioprop.engine.classification`) is built in; :mod:`bioprop.detection` registers ``"detection"`` when it
+is imported. A new task is a subclass registered with :func:`register_task`; neither the loop nor the config
+names one.
 """
 from __future__ import annotations
 
@@ -71,12 +72,15 @@ class StepWindow(Protocol):
     count: int
     first_step: int
 
-    def add(self, loss: Tensor, output: Tensor, target: Tensor) -> None:
-        """Add one step: its loss (scalar), the model output and the target of the rank's batch."""
+    def add(self, loss: Tensor, output: Any, target: Any) -> None:
+        """Add one step: its loss (scalar), and the output and target :meth:`Task.forward` returned for the
+        rank's batch."""
 
-    def read(self, env: DistEnv, step: int) -> tuple[float, float, float]:
-        """``(loss·n, correct, n)`` summed over every process since the last read; starts a new window at
-        ``step``. Every process calls it together (a collective)."""
+    def read(self, env: DistEnv, step: int) -> dict[str, float]:
+        """The sums over every process since the last read, keyed by the field of the "train" record each one
+        averages into (e.g. ``{"loss": loss·n, "acc": correct}``), with the samples under ``"n"``: the record
+        holds ``sums[k] / n``, the "epoch" record ``train_<k>`` over the epoch. Starts a new window at ``step``.
+        Every process calls it together (a collective)."""
 
     def seconds(self) -> float:
         """Wall time since the window started."""
@@ -89,10 +93,12 @@ class Task(ABC):
     Every task defines :meth:`dataset_names`, :meth:`model_names` and :meth:`build_data`. A task trained by the
     engine's loop (:class:`bioprop.engine.loop.Run`, ``run_class = None``) also defines the loop's parts:
     :meth:`loss`, :meth:`forward`, :meth:`new_window`, :meth:`evaluate`, :meth:`skipped_evaluation` and
-    :meth:`analysis` (classification, :class:`bioprop.engine.classification.ClassificationTask`). A task with a
-    run class of its own (detection, :class:`bioprop.detection.engine.DetectionRun`) composes the pipeline's
-    steps itself and needs none of them. Shapes below are per process: ``B/N`` is the rank's share of the
-    global batch ``B`` over ``N`` processes.
+    :meth:`analysis`, and the parts that turn its epoch records into the run's results (:data:`RESULT_PARTS`:
+    :meth:`history_entry`, :meth:`new_best`, :meth:`better`, :meth:`summary`, :meth:`epoch_line`); both built-in
+    tasks do (:class:`bioprop.engine.classification.ClassificationTask`,
+    :class:`bioprop.detection.engine.DetectionTask`). A task with a run class of its own composes the
+    pipeline's steps itself and needs none of them. Shapes below are per process: ``B/N`` is the rank's share
+    of the global batch ``B`` over ``N`` processes.
     """
 
     #: the registry name (set by :func:`register_task`)
@@ -104,6 +110,10 @@ class Task(ABC):
     #: the parts :class:`bioprop.engine.loop.Run` calls, which a task with ``run_class = None`` defines
     LOOP_PARTS: ClassVar[tuple[str, ...]] = ("loss", "forward", "new_window", "evaluate", "skipped_evaluation",
                                             "analysis")
+    #: the parts the loop turns epoch records into results with (best.pt, the history, final.json, the epoch line)
+    RESULT_PARTS: ClassVar[tuple[str, ...]] = ("history_entry", "new_best", "better", "summary", "epoch_line")
+    #: whether a rule that cannot apply to the model is reported as ``rule 'x' on model 'y': ...``
+    rule_error_prefix: ClassVar[bool] = True
 
     @abstractmethod
     def dataset_names(self) -> list[str]:
@@ -122,16 +132,22 @@ class Task(ABC):
             DatasetError: missing or corrupt data files.
         """
 
+    def model_built(self, data: TaskData, model: nn.Module, config: TrainConfig, env: DistEnv,
+                    device: torch.device) -> None:
+        """Called once the model is built and converted, before the optimizer: e.g. loaders that resize as the
+        model says fill in ``data``'s loaders here. The default does nothing."""
+
     # ----------------------------------------------------------------------------------- the loop's parts
 
     def _no_part(self, part: str) -> NotImplementedError:
         return NotImplementedError(f"task {self.name or type(self).__name__!r} does not define {part}(), which the "
                                    "engine's loop calls; define it, or give the task a run_class of its own")
 
-    def loss(self, config: TrainConfig, data: TaskData) -> LossFn | None:
-        """The loss ``loss_fn(output (B/N, K), target (B/N,)) -> scalar`` of training and evaluation, for the
-        data that :meth:`build_data` returned (e.g. its number of classes); None when the model computes its
-        own loss."""
+    def loss(self, config: TrainConfig, data: TaskData, model: nn.Module) -> Any:
+        """The loss of training (and evaluation) that :meth:`forward` applies, for the data that
+        :meth:`build_data` returned (e.g. its number of classes) and the built model (e.g. its own loss): for
+        classification a :data:`~bioprop.engine.build.LossFn`, ``loss_fn(output (B/N, K), target (B/N,)) ->
+        scalar``; for detection the model's own loss of a batch."""
         raise self._no_part("loss")
 
     def forward(self, model: nn.Module, loss_fn: LossFn, batch: Any, config: TrainConfig,
@@ -143,9 +159,9 @@ class Task(ABC):
             batch: what the train loader yields, e.g. ``(x (B/N, C, H, W), y (B/N,))`` on the device.
 
         Returns:
-            ``(loss, output, x, y)``: the scalar loss to back-propagate, the model output (``(B/N, K)``), the input
-            as the model saw it and the target; the loop adds the last three to the window and hands ``x, y`` to
-            :meth:`analysis`.
+            ``(loss, output, x, y)``: the scalar loss to back-propagate, the output the window adds (the model
+            output ``(B/N, K)`` for classification), the input as the model saw it and the target; the loop adds
+            ``loss, output, y`` to the window and hands ``x, y`` to :meth:`analysis`.
         """
         raise self._no_part("forward")
 
@@ -175,6 +191,32 @@ class Task(ABC):
             log, layer_log, tb: ``metrics.jsonl``, its per-layer side file and TensorBoard.
         """
         raise self._no_part("analysis")
+
+    # ----------------------------------------------------------------------------------- the results' parts
+
+    def history_entry(self, record: dict[str, Any]) -> dict[str, Any]:
+        """What the run's history (kept in the checkpoint, read by :meth:`summary`) keeps of an "epoch"
+        record."""
+        raise self._no_part("history_entry")
+
+    def new_best(self) -> dict[str, Any]:
+        """The best epoch of a run before its first epoch (``{"epoch": 0, ...}``, kept in the checkpoint)."""
+        raise self._no_part("new_best")
+
+    def better(self, best: dict[str, Any], record: dict[str, Any], data: TaskData) -> dict[str, Any] | None:
+        """The new best epoch (:meth:`new_best`'s layout) when the "epoch" record ``record`` beats ``best``, else
+        None; the loop then writes ``best.pt``."""
+        raise self._no_part("better")
+
+    def summary(self, history: list[dict[str, Any]], best: dict[str, Any], model: nn.Module,
+                data: TaskData) -> dict[str, Any]:
+        """The task's fields of ``final.json`` and of the summary ``train`` returns, from the history
+        (:meth:`history_entry` per epoch), the best epoch and the trained model (not its wrapper)."""
+        raise self._no_part("summary")
+
+    def epoch_line(self, record: dict[str, Any], epochs: int) -> str:
+        """The line printed after each epoch (``verbose``) for an "epoch" record."""
+        raise self._no_part("epoch_line")
 
 
 #: every task ``train(config)`` can run, by name
