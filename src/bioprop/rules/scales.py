@@ -87,7 +87,8 @@ def draw_magnitude_8bit(weight: Tensor, scale: str | float, generator: torch.Gen
     Level k in 0..255 stands for the quantile (k + 0.5)/256 of |M|'s distribution. Each 64-bit random word is
     drawn over the full int64 range, so all eight of its bytes are uniform and each gives one level, read in
     place (no copy): eight times fewer random numbers than a float draw, which keeps brsf, which redraws every
-    update, close to usf in step time. The levels are a function of the generator's state only (its seed and the draw index, for brsf).
+    update, close to usf in step time. The levels are a function of the generator's state only (for brsf: of
+    the layer seed and the draw index).
     """
     n = out.numel()
     words = torch.empty((n + 7) // 8, dtype=torch.int64, device=out.device)
