@@ -100,7 +100,8 @@ def draw_magnitude_8bit(weight: Tensor, scale: str | float, generator: torch.Gen
         table = (s * math.sqrt(2.0) * torch.erfinv(u)).to(device=out.device, dtype=out.dtype)
         return out.copy_(table[levels.long()])
     bound = s * math.sqrt(3.0) if scale == "biotorch" else s  # |U(-b, b)| = U(0, b)
-    return torch.add(levels, 0.5, out=out).mul_(bound / 256)
+    # (k + 0.5)·bound/256 as k·c + c/2: the byte-to-float cast goes straight into out (no float temporary)
+    return out.copy_(levels).mul_(bound / 256).add_(bound / 512)
 
 
 def layer_seed(seed: int, layer_name: str) -> int:
