@@ -161,8 +161,9 @@ class BatchRandomSignConcordant(RedrawnPerUpdate, _SignConcordant):
     Each draw is quantised to 256 equiprobable levels of ``|M|``'s distribution (:func:`draw_magnitude_8bit`),
     eight levels per 64-bit random word: a redraw costs a fraction of a float draw on a CPU. The redraw follows
     :class:`RedrawnPerUpdate`: several forward/backward passes between two optimizer steps (gradient
-    accumulation) share one draw, and evaluation passes never draw. Every DDP rank draws the same magnitudes, and a deep copy, a loaded ``state_dict`` or a
-    resumed run continues the same sequence, also inside a gradient-accumulation window.
+    accumulation) share one draw, and evaluation passes never draw. Every DDP rank draws the same magnitudes,
+    and a deep copy, a loaded ``state_dict`` or a resumed run continues the same sequence, also inside a
+    gradient-accumulation window.
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
