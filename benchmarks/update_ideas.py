@@ -3,10 +3,12 @@
 On the 3x800 MLP's weight shapes (784x800, 800x800, 800x800, 800x10), one thread, CPU time, median of paired
 per-round ratios:
 
-- brsf: today's redraw (:func:`bioprop.rules.draw_magnitude_8bit`: 7 levels from each 64-bit word, a level
-  table) against its parts (the random words alone, the conversion of levels to magnitudes alone) and against
-  eight levels from each full-range 64-bit word (``random_(-2**63, None)``; no biased top byte, so the bytes are a
-  contiguous view and the 7-of-8 slice copy goes; still a pure function of the generator's seed).
+- brsf: bioprop's redraw (:func:`bioprop.rules.draw_magnitude_8bit`: since issue 16, eight levels from each
+  full-range 64-bit word, cast straight into the magnitudes, then one multiply and one add) against its parts (the
+  random words alone, the conversion of levels to magnitudes alone) and against the first prototype of the
+  eight-levels draw (``random_(-2**63, None)``, bytes viewed, ``torch.add(levels, 0.5, out=)`` then a multiply,
+  which makes a float temporary of the levels). Before issue 16 the redraw took seven levels per word (the top
+  byte of ``random_``'s [0, 2^63) words is biased) and copied the 7-of-8 slice: 4.61 ms in docs/performance.md.
 - kp: a momentum-SGD step over [W, B] (B has its own gradient and momentum, as today) against a step over [W]
   plus ``B -= lr · buf_W`` (W's update applied to B, the KP rule itself), which is exact for SGD with momentum and
   no weight decay when B's momentum starts equal to W's (both start at the same gradient).

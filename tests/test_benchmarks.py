@@ -155,3 +155,10 @@ def test_gpu_benchmark_measures_what_issue_16_asks() -> None:
     widths = [m.out_features for m in mlp.build().modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [800, 800, 800, 10] and mlp.batch == 128
     assert gpu.RULES == ("backprop", "usf", "fa", "brsf", "kp", "dfa")
+
+
+def test_build_site_benchmark_compares_the_two_builds() -> None:
+    """benchmarks/build_site.py times each sign rule with B built in the backward and in the forward."""
+    done = run_script("build_site.py", "--rounds", "1", "--steps", "1", "--rules", "usf", "brsf")
+    assert done.returncode == 0, done.stderr
+    assert [row[0] for row in table_rows(done.stdout)] == ["usf", "brsf"]

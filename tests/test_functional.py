@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bioprop.functional import feedback_conv, feedback_linear
+from bioprop.functional import SignFeedback, feedback_conv, feedback_linear
 
 
 class OpCounter(TorchDispatchMode):
@@ -208,3 +208,93 @@ def test_unbatched_conv_input_matches_native_layer(dims: int, padding_mode: str,
     assert outs[0][0].dim() == dims + 1
     for ref, got in zip(*outs):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("magnitude", [False, True])
+@pytest.mark.parametrize("scale", [1.0, 0.3, "tensor"])
+def test_sign_feedback_is_built_in_the_backward(magnitude: bool, scale: float | str) -> None:
+    """A SignFeedback gives δx = δy·B with B = scale · magnitude ∘ sign(W) (NumPy reference), exact dW and db, for
+    linear and conv; SignFeedback.build is that B."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.tensor(0.7, dtype=torch.float64) if scale == "tensor" else scale
+    s_float = float(s)
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    m = torch.rand(4, 5, dtype=torch.float64, generator=g) - 0.3 if magnitude else None
+    recipe = SignFeedback(magnitude=m, scale=s)
+    b_ref = s_float * np.sign(w.detach().numpy()) * (1.0 if m is None else m.numpy())
+    np.testing.assert_allclose(recipe.build(w).numpy(), b_ref, rtol=1e-15)
+    x = torch.randn(3, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    y = feedback_linear(x, w, bias, recipe)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    y.backward(gy)
+    gyn, xn = gy.numpy().reshape(-1, 4), x.detach().numpy().reshape(-1, 5)
+    np.testing.assert_allclose(x.grad.numpy().reshape(-1, 5), gyn @ b_ref, rtol=1e-12)
+    np.testing.assert_allclose(w.grad.numpy(), gyn.T @ xn, rtol=1e-12)
+    np.testing.assert_allclose(bias.grad.numpy(), gyn.sum(0), rtol=1e-12)
+
+    wc = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    mc = torch.rand(6, 2, 3, 3, dtype=torch.float64, generator=g) if magnitude else None
+    recipe = SignFeedback(magnitude=mc, scale=s)
+    xc = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    yc = feedback_conv(xc, wc, None, recipe, (2, 1), (1, 0), (1, 1), 2)
+    gyc = torch.randn(yc.shape, dtype=torch.float64, generator=g)
+    yc.backward(gyc)
+    xr = xc.detach().clone().requires_grad_()
+    F.conv2d(xr, recipe.build(wc), None, (2, 1), (1, 0), (1, 1), 2).backward(gyc)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-12, atol=1e-13)
+    wr = wc.detach().clone().requires_grad_()
+    F.conv2d(xc.detach(), wr, None, (2, 1), (1, 0), (1, 1), 2).backward(gyc)
+    torch.testing.assert_close(wc.grad, wr.grad, rtol=1e-12, atol=1e-13)
+    # dW and db are the true gradients, as with a built B
+    assert torch.autograd.gradcheck(lambda w, b: feedback_linear(x.detach(), w, b, SignFeedback(m, s)),
+                                    (w.detach().requires_grad_(), bias.detach().requires_grad_()))
+
+
+def test_sign_feedback_keeps_no_b_between_forward_and_backward() -> None:
+    """With a SignFeedback the op saves x, W itself and the magnitudes (no new W-sized tensor), and builds B in the
+    backward; with a built B it saves that B."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 5, generator=g, requires_grad=True)
+    w = torch.randn(4, 5, generator=g, requires_grad=True)
+    m = torch.rand(4, 5, generator=g)
+    for op in (feedback_linear, lambda *a: feedback_conv(*a, (1,), (1,), (1,))):
+        xi = x if op is feedback_linear else x.detach().reshape(8, 1, 5).expand(8, 5, 5).contiguous().requires_grad_()
+        wi = w if op is feedback_linear else w.reshape(4, 5, 1).detach().requires_grad_()
+        mi = m if op is feedback_linear else m.reshape(4, 5, 1)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = op(xi, wi, None, SignFeedback(magnitude=mi, scale=0.5))
+        owned = {xi.data_ptr(), wi.data_ptr(), mi.data_ptr()}
+        assert saved and all(t.data_ptr() in owned for t in saved)
+        y.sum().backward()
+        assert xi.grad is not None and torch.isfinite(xi.grad).all()
+        saved.clear()
+        built = SignFeedback(magnitude=mi, scale=0.5).build(wi)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            op(xi, wi, None, built)
+        assert any(t.data_ptr() == built.data_ptr() for t in saved)
+
+
+def test_sign_feedback_under_autocast_takes_signs_from_the_uncast_weight() -> None:
+    """Under bf16 autocast the recipe's B is built in W's dtype from the uncast W, then cast, as a built B is."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 5, generator=g, requires_grad=True)
+    w = torch.randn(3, 5, generator=g, requires_grad=True)
+    with torch.no_grad():
+        w[0, 0] = 1e-41  # a float32 subnormal that bf16 rounds to 0: its sign must still be +1
+    m = torch.rand(3, 5, generator=g)
+    recipe = SignFeedback(magnitude=m, scale=0.25)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = feedback_linear(x, w, None, recipe)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    b = recipe.build(w)
+    assert b[0, 0] > 0
+    ref = (torch.ones(6, 3, dtype=torch.bfloat16) @ (b / 0.25).to(torch.bfloat16)).float() * 0.25
+    torch.testing.assert_close(x.grad, ref, rtol=0, atol=0)
+
+
+def test_sign_feedback_magnitude_shape_mismatch_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="SignFeedback.magnitude must have the weight's shape"):
+        feedback_linear(torch.randn(2, 3), torch.randn(4, 3), None, SignFeedback(torch.randn(3, 4)))

@@ -52,3 +52,21 @@ def test_unbatched_conv_sham_equals_native(dims: int) -> None:
     x = torch.randn(3, *[7] * dims, dtype=torch.float64)
     for got, ref in zip(_grads(converted, x, batched=False), _grads(native, x, batched=False)):
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["usf", "brsf", "frsf", "partial_concordance"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_sign_rules_hold_no_b_from_forward_to_backward(rule: str, kind: str) -> None:
+    """The sign-concordant rules' B is built in the backward from the saved W: every tensor the forward saves is
+    the input, W itself or the rule's own state (no W-sized B is kept alive until the backward)."""
+    torch.manual_seed(0)
+    native = nn.Linear(6, 4) if kind == "linear" else nn.Conv2d(3, 4, 3, padding=1)
+    layer = bioprop.convert(nn.Sequential(native), rule, seed=0)[0]
+    x = (torch.randn(5, 6) if kind == "linear" else torch.randn(2, 3, 5, 5)).requires_grad_()
+    owned = {x.data_ptr()} | {t.data_ptr() for t in (*layer.parameters(), *layer.buffers())}
+    saved: list[Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert saved and all(t.data_ptr() in owned for t in saved)
+    y.backward(torch.ones_like(y))
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -331,3 +331,18 @@ def test_one_scale_validator_rejects_non_finite_and_non_positive_scales(rule, sc
     """Layer and direct rules share one validator: inf was accepted by the layer rules and rejected by DFA."""
     with pytest.raises(ValueError, match=r"scale must be one of .* or a positive float, got"):
         bioprop.create_rule(rule, scale=scale)
+
+
+def test_brsf_levels_use_every_byte_of_each_random_word() -> None:
+    """Each of the eight bytes of a 64-bit random word is one uniform level: every byte position (index mod 8)
+    takes the upper half of the levels half of the time (a word drawn over [0, 2^63) would never set the top
+    byte's high bit), and the draw is a pure function of the generator's seed."""
+    from bioprop.rules import draw_magnitude_8bit
+    w = torch.randn(400, 320)
+    out = draw_magnitude_8bit(w, "unit", torch.Generator().manual_seed(3), torch.empty_like(w))
+    levels = torch.round(out * 256 - 0.5).long().flatten()  # "unit": level k is (k + 0.5)/256
+    high = (levels >= 128).double().view(-1, 8).mean(0)  # (8,): one share per byte position
+    tol = 5 * math.sqrt(0.25 / levels.view(-1, 8).shape[0])
+    assert torch.all((high - 0.5).abs() < tol), high
+    again = draw_magnitude_8bit(w, "unit", torch.Generator().manual_seed(3), torch.empty_like(w))
+    assert torch.equal(out, again)

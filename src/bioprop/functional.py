@@ -7,41 +7,103 @@ signal sent to the input changes: ``dL/dx = dL/dy · B`` instead of ``dL/dy · W
 
 A feedback weight that itself requires grad (Kolen-Pollack) receives the same gradient as ``W``, so that any
 optimizer applies the same update to both.
+
+A ``B`` that is a function of ``W`` (the sign-concordant rules) is passed as a :class:`SignFeedback` recipe,
+``B = scale · magnitude ∘ sign(W)``, instead of a built matrix: the op then builds ``sign(W) ∘ magnitude`` in the
+backward from the ``W`` it saves anyway (no copy), and multiplies ``δx`` by the float ``scale``, so no ``B`` is
+held from the forward to the backward and the scale never costs a pass over a W-sized matrix.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["feedback_linear", "feedback_conv", "FeedbackLinearFunction", "FeedbackConvFunction"]
+__all__ = ["feedback_linear", "feedback_conv", "FeedbackLinearFunction", "FeedbackConvFunction", "SignFeedback",
+           "Feedback"]
+
+
+@dataclass(frozen=True)
+class SignFeedback:
+    """A feedback weight built from W: ``B = scale · magnitude ∘ sign(W)``, with the signs of the W the op saves.
+
+    Attributes:
+        magnitude: a tensor of W's shape (entries may be negative: partial concordance), or None for 1.
+        scale: a float or a 0-dim tensor; the op multiplies ``δx`` by it instead of putting it into B.
+    """
+
+    magnitude: Tensor | None = None
+    scale: float | Tensor = 1.0
+
+    def build(self, weight: Tensor) -> Tensor:
+        """``B`` for ``weight`` as a new tensor, shape of ``weight``: what the op sends ``δx`` through."""
+        with torch.no_grad():
+            feedback = torch.sign(weight.detach())
+            if self.magnitude is not None:
+                feedback.mul_(self.magnitude)
+            if not _is_one(self.scale):
+                feedback.mul_(self.scale)
+        return feedback
+
+
+#: what a feedback op takes as B: the matrix itself, or a recipe that builds it from W in the backward
+Feedback = Tensor | SignFeedback
+
+
+def _is_one(scale: float | Tensor) -> bool:
+    return not isinstance(scale, Tensor) and scale == 1.0
+
+
+def _sign_build(source: Tensor, magnitude: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """``sign(W) ∘ magnitude`` in W's dtype, then cast to the backward's dtype (as autocast casts a built B)."""
+    feedback = torch.sign(source)
+    if magnitude is not None:
+        feedback.mul_(magnitude)
+    return feedback if feedback.dtype == dtype else feedback.to(dtype)
 
 
 class FeedbackLinearFunction(torch.autograd.Function):
-    """``y = x Wᵀ + b`` whose backward sends ``grad_y · B`` to ``x``. Use :func:`feedback_linear`."""
+    """``y = x Wᵀ + b`` whose backward sends ``grad_y · B`` to ``x``. Use :func:`feedback_linear`.
+
+    ``B`` is ``feedback_weight``; or, when that is None, ``sign(source) ∘ magnitude`` built in the backward
+    (``source`` is W before any autocast cast, None for ``weight`` itself), and ``δx`` is multiplied by ``scale``.
+    """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor | None,
+                magnitude: Tensor | None = None, scale: float | Tensor = 1.0, source: Tensor | None = None) -> Tensor:
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, feedback_weight = inputs
-        # Only what the backward reads is saved: x for dW, B for dx. W itself is not needed.
+        x, weight, bias, feedback_weight, magnitude, scale, source = inputs
+        need_x = ctx.needs_input_grad[0]
+        ctx.build = feedback_weight is None
+        if ctx.build:  # B is built in the backward from W (no copy: W is alive anyway) and the magnitudes
+            feedback_weight = (weight if source is None else source) if need_x else None
+            magnitude = magnitude if need_x else None
+        # Only what the backward reads is saved: x for dW, B (or what builds it) for dx.
         ctx.save_for_backward(x if ctx.needs_input_grad[1] or ctx.needs_input_grad[3] else None,
-                              feedback_weight if ctx.needs_input_grad[0] else None)
+                              feedback_weight if need_x else None, magnitude if ctx.build else None)
+        ctx.scale = scale if ctx.build else 1.0
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, feedback_weight = ctx.saved_tensors
+        x, feedback_weight, magnitude = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = grad_feedback = None
         out_features = grad_output.shape[-1]
         grad_2d = grad_output.reshape(-1, out_features)  # (N, out), N = all leading dims
         if ctx.needs_input_grad[0]:
+            if ctx.build:
+                feedback_weight = _sign_build(feedback_weight, magnitude, grad_output.dtype)  # (out, in)
             grad_x = grad_output.matmul(feedback_weight)  # (..., out) @ (out, in) -> (..., in)
+            del feedback_weight  # a built B lives only for this product
+            if not _is_one(ctx.scale):
+                grad_x.mul_(ctx.scale)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (out, N) @ (N, in) -> (out, in)
             if ctx.needs_input_grad[3]:
@@ -50,66 +112,82 @@ class FeedbackLinearFunction(torch.autograd.Function):
                 grad_weight = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        return grad_x, grad_weight, grad_bias, grad_feedback
+        return grad_x, grad_weight, grad_bias, grad_feedback, None, None, None
 
 
 class FeedbackConvFunction(torch.autograd.Function):
-    """N-d convolution whose backward uses B as the weight of the input gradient. Use :func:`feedback_conv`."""
+    """N-d convolution whose backward uses B as the weight of the input gradient. Use :func:`feedback_conv`.
+
+    ``B`` is ``feedback_weight``, or built in the backward as in :class:`FeedbackLinearFunction` when it is None.
+    """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor,
-                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor | None,
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+                magnitude: Tensor | None = None, scale: float | Tensor = 1.0, source: Tensor | None = None) -> Tensor:
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, feedback_weight, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x, feedback_weight)
+        x, weight, bias, feedback_weight, stride, padding, dilation, groups, magnitude, scale, source = inputs
+        ctx.build = feedback_weight is None
+        if ctx.build:  # the fused backward needs a weight of W's shape even when dx is not wanted: W itself
+            feedback_weight = weight if source is None else source
+        ctx.save_for_backward(x, feedback_weight, magnitude if ctx.build and ctx.needs_input_grad[0] else None)
+        ctx.scale = scale if ctx.build else 1.0
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, feedback_weight = ctx.saved_tensors
+        x, feedback_weight, magnitude = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         need_b = need_b and ctx.bias_shape is not None
+        if ctx.build:
+            feedback_weight = _sign_build(feedback_weight, magnitude, grad_output.dtype) if need_x \
+                else feedback_weight.to(grad_output.dtype)  # only its shape is read then
         # One fused call, exactly as native autograd makes it, with B as the weight argument: the input
         # gradient is computed with B, the weight gradient reads only x and grad_output.
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_output, x, feedback_weight, ctx.bias_shape, stride, padding, dilation,
             False, [0] * len(stride), groups, [need_x, need_w or need_fb, need_b])
+        del feedback_weight
+        if need_x and not _is_one(ctx.scale):
+            grad_x.mul_(ctx.scale)
         grad_feedback = grad_weight if need_fb else None
         return (grad_x, grad_weight if need_w else None, grad_bias if need_b else None, grad_feedback,
-                None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
-def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor) -> Tensor:
+def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Feedback) -> Tensor:
     """Linear map ``y = x Wᵀ + b`` that sends errors down through ``feedback_weight``.
 
     Args:
         x: input, ``(*, in_features)``.
         weight: forward weight W, ``(out_features, in_features)``.
         bias: ``(out_features,)`` or None.
-        feedback_weight: B, same shape as ``weight``. ``dL/dx = dL/dy · B``.
+        feedback_weight: B, same shape as ``weight``, or a :class:`SignFeedback` that the backward builds B from.
+            ``dL/dx = dL/dy · B``.
 
     Returns:
         ``(*, out_features)``.
 
     Under autocast the operands are cast to the autocast dtype first, as autocast does for ``F.linear``, so the
-    backward runs in one dtype and each gradient is cast back to its leaf's dtype by autograd.
+    backward runs in one dtype and each gradient is cast back to its leaf's dtype by autograd. A
+    :class:`SignFeedback` takes its signs from the uncast W.
     """
-    if feedback_weight.shape != weight.shape:
-        raise ValueError(f"feedback_weight must have the weight's shape {tuple(weight.shape)}, "
-                         f"got {tuple(feedback_weight.shape)}")
-    x, weight, bias, feedback_weight, device_type = _autocast_operands(x, weight, bias, feedback_weight)
+    _check_shape(weight, feedback_weight)
+    weight_in = weight
+    x, weight, bias, feedback, device_type = _autocast_operands(x, weight, bias, feedback_weight)
+    args = _feedback_args(feedback, weight_in, weight)
     if device_type is None:
-        return FeedbackLinearFunction.apply(x, weight, bias, feedback_weight)
+        return FeedbackLinearFunction.apply(x, weight, bias, *args)
     with torch.autocast(device_type, enabled=False):
-        return FeedbackLinearFunction.apply(x, weight, bias, feedback_weight)
+        return FeedbackLinearFunction.apply(x, weight, bias, *args)
 
 
-def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor,
+def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Feedback,
                   stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int],
                   groups: int = 1) -> Tensor:
     """1-, 2- or 3-d convolution (zero padding) that sends errors down through ``feedback_weight``.
@@ -118,7 +196,7 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
         x: input, ``(B, C_in, *spatial)``, or unbatched ``(C_in, *spatial)`` as ``F.conv{1,2,3}d`` accept it.
         weight: W, ``(C_out, C_in / groups, *kernel)``.
         bias: ``(C_out,)`` or None.
-        feedback_weight: B, same shape as ``weight``.
+        feedback_weight: B, same shape as ``weight``, or a :class:`SignFeedback` that the backward builds B from.
         stride, padding, dilation: one int per spatial dimension.
         groups: number of blocked connections, as in ``torch.nn.Conv2d``.
 
@@ -126,26 +204,47 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
         ``(B, C_out, *spatial_out)`` (``(C_out, *spatial_out)`` for an unbatched input), identical to
         ``torch.nn.functional.conv{1,2,3}d``.
     """
-    if feedback_weight.shape != weight.shape:
-        raise ValueError(f"feedback_weight must have the weight's shape {tuple(weight.shape)}, "
-                         f"got {tuple(feedback_weight.shape)}")
+    _check_shape(weight, feedback_weight)
     if x.dim() == weight.dim() - 1:  # unbatched: torch.convolution needs the batch dim that F.conv*d adds
         return feedback_conv(x.unsqueeze(0), weight, bias, feedback_weight, stride, padding, dilation,
                              groups).squeeze(0)
-    args = (list(stride), list(padding), list(dilation), int(groups))
-    x, weight, bias, feedback_weight, device_type = _autocast_operands(x, weight, bias, feedback_weight)
+    conv_args = (list(stride), list(padding), list(dilation), int(groups))
+    weight_in = weight
+    x, weight, bias, feedback, device_type = _autocast_operands(x, weight, bias, feedback_weight)
+    b, magnitude, scale, source = _feedback_args(feedback, weight_in, weight)
     if device_type is None:
-        return FeedbackConvFunction.apply(x, weight, bias, feedback_weight, *args)
+        return FeedbackConvFunction.apply(x, weight, bias, b, *conv_args, magnitude, scale, source)
     with torch.autocast(device_type, enabled=False):
-        return FeedbackConvFunction.apply(x, weight, bias, feedback_weight, *args)
+        return FeedbackConvFunction.apply(x, weight, bias, b, *conv_args, magnitude, scale, source)
 
 
-def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor
-                       ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, str | None]:
-    """Cast the operands to the autocast dtype when autocast is on for ``x``'s device; else return them."""
+def _check_shape(weight: Tensor, feedback: Feedback) -> None:
+    shape = feedback.shape if isinstance(feedback, Tensor) else \
+        (None if feedback.magnitude is None else feedback.magnitude.shape)
+    if shape is not None and shape != weight.shape:
+        what = "feedback_weight" if isinstance(feedback, Tensor) else "SignFeedback.magnitude"
+        raise ValueError(f"{what} must have the weight's shape {tuple(weight.shape)}, got {tuple(shape)}")
+
+
+def _feedback_args(feedback: Feedback, weight_in: Tensor, weight: Tensor
+                   ) -> tuple[Tensor | None, Tensor | None, float | Tensor, Tensor | None]:
+    """``(B, magnitude, scale, source)`` for the Functions: a built B, or None and what builds it."""
+    if isinstance(feedback, Tensor):
+        return feedback, None, 1.0, None
+    # Under autocast W was cast: the signs come from the uncast W (detached: it is not an input of dx).
+    source = None if weight is weight_in else weight_in.detach()
+    return None, feedback.magnitude, feedback.scale, source
+
+
+def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Feedback
+                       ) -> tuple[Tensor, Tensor, Tensor | None, Feedback, str | None]:
+    """Cast the operands to the autocast dtype when autocast is on for ``x``'s device; else return them. A
+    :class:`SignFeedback` is left as it is (its B is built in W's dtype and cast in the backward)."""
     device_type = x.device.type
     if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast has no meta device
         return x, weight, bias, feedback_weight, None
     dtype = torch.get_autocast_dtype(device_type)
-    cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, weight, bias, feedback_weight)]
-    return cast[0], cast[1], cast[2], cast[3], device_type
+    cast = [t if t is None or not t.is_floating_point() else t.to(dtype) for t in (x, weight, bias)]
+    feedback = feedback_weight.to(dtype) if isinstance(feedback_weight, Tensor) and \
+        feedback_weight.is_floating_point() else feedback_weight
+    return cast[0], cast[1], cast[2], feedback, device_type

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import feedback_conv, feedback_linear
+from .functional import Feedback, feedback_conv, feedback_linear
 from .learned import track_learned_feedback
 from .rules import LayerRule, create_rule, make_generator
 
@@ -42,8 +42,9 @@ class FeedbackLayer:
                              f"{rule.name!r}) for direct feedback")
         init_feedback_state(self, rule, seed, name)  # type: ignore[arg-type]
 
-    def _feedback_for(self, x: Tensor) -> Tensor | None:
-        """The B to use in this forward pass, or None when the native op gives the same result."""
+    def _feedback_for(self, x: Tensor) -> Feedback | None:
+        """What the op gets for B in this forward pass (the rule's :meth:`~bioprop.rules.LayerRule.feedback`), or
+        None when the native op gives the same result."""
         rule = self.rule
         if self.__dict__.get("_feedback_pending", False) and not self.weight.is_meta:
             raise RuntimeError(f"feedback layer {self.__dict__['_feedback_origin'][1] or '(unnamed)'!r} was converted "
@@ -58,7 +59,7 @@ class FeedbackLayer:
             return None
         if type(rule).before_forward is not LayerRule.before_forward and not self.weight.is_meta:
             _run_eagerly(rule.before_forward, self)
-        return rule.feedback_weight(self)  # type: ignore[arg-type]
+        return rule.feedback(self)  # type: ignore[arg-type]
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)  # type: ignore[misc]

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..direct import exact_gradients, markers
+from ..functional import Feedback
 from ..layers import FeedbackLayer
 from ..rules import LayerRule, create_rule
 from .weights import angle, layer_feedback, model_weight_layers, unwrap_model
@@ -94,6 +95,9 @@ class _FrozenRule(LayerRule):
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         return self.base.feedback_weight(layer)
+
+    def feedback(self, layer: nn.Module) -> Feedback | None:
+        return self.base.feedback(layer)
 
     def options(self) -> dict[str, Any]:
         return self.base.options()

@@ -16,6 +16,7 @@ Its hooks are the whole life cycle, called by bioprop at fixed points:
 ``init_state(layer, gen)``    layer rules: register the layer's ``feedback_*`` state (at conversion)
 ``before_forward(layer)``     layer rules: per-update state before a forward pass that needs ``B``
 ``feedback_weight(layer)``    layer rules: the ``B`` the layer uses now (no side effects)
+``feedback(layer)``           layer rules: what the op gets for ``B``: the matrix, or a recipe built from ``W``
 ``feedback_weights(root)``    direct rules: each marker's matrix now (no side effects)
 ``before_save`` / ``after_load``  layer rules: state that only this process knows, around copies and loads
 ``prepare(model, batch)``     once before training (direct rules draw their ``D`` matrices here)
@@ -33,6 +34,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, TypeVar
 import torch
 from torch import Tensor, nn
 
+from ..functional import Feedback
 from ..registry import Registry
 
 __all__ = ["Rule", "LayerRule", "DirectRule", "RULES", "register_rule", "list_rules", "create_rule", "rule_options",
@@ -110,6 +112,13 @@ class LayerRule(Rule):
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         """The ``B`` for this layer now, or None for the exact native op. Must not change any state."""
         raise NotImplementedError
+
+    def feedback(self, layer: nn.Module) -> Feedback | None:
+        """What the feedback op receives for this forward pass: ``B`` itself (the default,
+        :meth:`feedback_weight`), a :class:`~bioprop.functional.SignFeedback` that the op builds ``B`` from in the
+        backward (so no ``B`` is held between forward and backward), or None for the native op. It must stand
+        for the same ``B`` as :meth:`feedback_weight` and must not change any state."""
+        return self.feedback_weight(layer)
 
 
 class DirectRule(Rule):

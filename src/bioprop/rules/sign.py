@@ -12,6 +12,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..functional import Feedback, SignFeedback
 from ..redraw import rebase_redraw_state, redraw_due, sync_redraw_state
 from ..seeding import derive_seed
 from .base import LayerRule, register_rule
@@ -88,6 +89,17 @@ class _SignConcordant(LayerRule):
     def _unnormed(self, layer: nn.Module) -> Tensor:
         return torch.sign(layer.weight).mul_(self._magnitude(layer))
 
+    def _recipe(self, layer: nn.Module) -> SignFeedback:
+        """``B`` as ``scale · magnitude ∘ sign(W)``: a per-entry magnitude stays a matrix, a uniform one (usf's s,
+        norm="init"'s factor) becomes the float (or 0-dim) scale the op applies to ``δx``."""
+        magnitude = self._magnitude(layer)
+        if isinstance(magnitude, Tensor):
+            scale: float | Tensor = 1.0 if self.norm != "init" else layer.feedback_norm_scale
+            return SignFeedback(magnitude=magnitude, scale=scale)
+        if self.norm == "init":
+            return SignFeedback(scale=layer.feedback_norm_scale * magnitude)
+        return SignFeedback(scale=magnitude)
+
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
         if self.norm == "init":
             with torch.no_grad():
@@ -96,13 +108,16 @@ class _SignConcordant(LayerRule):
             register_state(layer, "feedback_norm_scale", factor.detach().reshape(()))
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
+        if self.norm != "sn":
+            return self._recipe(layer).build(layer.weight)
         with torch.no_grad():
             b = self._unnormed(layer)
-            if self.norm == "init":
-                b.mul_(layer.feedback_norm_scale)
-            elif self.norm == "sn":
-                b.mul_(layer.weight.norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
+            b.mul_(layer.weight.norm() / b.norm().clamp_min(torch.finfo(b.dtype).tiny))
         return b
+
+    def feedback(self, layer: nn.Module) -> Feedback | None:
+        # "sn" needs ‖B‖, i.e. B itself, in the forward; every other mode leaves B to the op's backward.
+        return self.feedback_weight(layer) if self.norm == "sn" else self._recipe(layer)
 
 
 @register_rule("usf", aliases=("sign_symmetry", "ss"),
@@ -144,10 +159,11 @@ class BatchRandomSignConcordant(RedrawnPerUpdate, _SignConcordant):
     magnitudes for every weight update.
 
     Each draw is quantised to 256 equiprobable levels of ``|M|``'s distribution (:func:`draw_magnitude_8bit`),
-    which makes a redraw about four times cheaper on a CPU. The redraw follows :class:`RedrawnPerUpdate`: several
-    forward/backward passes between two optimizer steps (gradient accumulation) share one draw, and evaluation
-    passes never draw. Every DDP rank draws the same magnitudes, and a deep copy, a loaded ``state_dict`` or a
-    resumed run continues the same sequence, also inside a gradient-accumulation window.
+    eight levels per 64-bit random word: a redraw costs a fraction of a float draw on a CPU. The redraw follows
+    :class:`RedrawnPerUpdate`: several forward/backward passes between two optimizer steps (gradient
+    accumulation) share one draw, and evaluation passes never draw. Every DDP rank draws the same magnitudes,
+    and a deep copy, a loaded ``state_dict`` or a resumed run continues the same sequence, also inside a
+    gradient-accumulation window.
     """
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
