@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..seeding import derive_seed
 from .coco import CocoDetection
 
 __all__ = ["Batch", "DetectionLoader", "resize", "hflip", "pad_batch", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -147,7 +148,7 @@ class DetectionLoader:
         if not self.train:
             mine = list(range(self.rank, n, self.world_size))
             return [[(i, False) for i in mine[j:j + self.batch_size]] for j in range(0, len(mine), self.batch_size)]
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))  # order, then flips
         order = torch.randperm(n, generator=g).tolist()
         flips = (torch.rand(n, generator=g) < 0.5).tolist()
         global_batch = self.batch_size * self.world_size
