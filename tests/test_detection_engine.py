@@ -131,3 +131,22 @@ def test_halve_on_plateau_is_refused_for_detection_with_one_line(coco, tmp_path)
                                           r"detection: none, step, multistep, cosine") as err:
         train(detection(coco, tmp_path / "run", schedule="halve_on_plateau"))
     assert "\n" not in str(err.value) and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dataset, augment, flips", [
+    ("coco", "auto", True), ("mnist_detection", "auto", False),  # digits are not mirror-symmetric
+    ("mnist_detection", "on", True), ("coco", "off", False)])
+def test_augment_auto_flips_as_the_data_set_says(tmp_path, dataset, augment, flips):
+    from types import SimpleNamespace
+
+    from bioprop.detection.engine import DetectionTask
+    from bioprop.engine.distributed import DistEnv
+    splits = {"coco": ("train2017", "val2017"), "mnist_detection": ("train", "test")}[dataset]
+    for i, split in enumerate(splits):
+        write_tiny_coco(tmp_path, split, seed=i)
+    config = detection(tmp_path, tmp_path / "run", dataset=dataset, augment=augment)
+    data = DetectionTask().build_data(config, DistEnv(), torch.device("cpu"))
+    DetectionTask.model_built(data, SimpleNamespace(min_size=64, max_size=96), config, DistEnv(), torch.device("cpu"))
+    assert data.train_loader.flip is flips and data.test_loader.flip is False
+    # the batches follow: with flips, some training image of the epoch is mirrored; without, none is
+    assert any(flip for batch in data.train_loader.batches() for _, flip in batch) is flips

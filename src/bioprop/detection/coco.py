@@ -36,12 +36,14 @@ class AnnotationError(DatasetError, ValueError):
 
 @dataclass(frozen=True)
 class DetectionSource:
-    """A registered COCO-format data set: its folder under the data root and its split names."""
+    """A registered COCO-format data set: its folder under the data root, its split names and whether its
+    standard training augmentation flips images left-right (``augment = "auto"``)."""
 
     name: str
     folder: str
     splits: dict[str, str]  # engine split ("train", "val", "test") -> file split ("train2017", ...)
     how_to_get: str
+    flip: bool = True
 
 
 #: every detection data set by name
@@ -50,8 +52,9 @@ for _source, _description in (
         (DetectionSource("coco", "coco", {"train": "train2017", "test": "val2017"},
                          "download COCO 2017 (train2017, val2017 and annotations_trainval2017) from cocodataset.org "
                          "and unpack it there"), "COCO 2017 instances: train2017 to train, val2017 to test"),
+        # digits are not mirror-symmetric: a flipped 2 or 7 is no digit the test set holds
         (DetectionSource("mnist_detection", "mnist_detection", {"train": "train", "val": "val", "test": "test"},
-                         "write it with: bioprop data make-mnist-detection"),
+                         "write it with: bioprop data make-mnist-detection", flip=False),
          "MNIST digits on a canvas, written by bioprop data make-mnist-detection")):
     SOURCES.add(_source.name, _source, description=_description, options=False)
 
@@ -129,10 +132,12 @@ class CocoDetection(torch.utils.data.Dataset):
 
     Args:
         annotation_file: the instances JSON. image_dir: folder of the images it names.
+        flip: whether the set's standard training augmentation flips images left-right (``train_flip``).
     """
 
-    def __init__(self, annotation_file: str | Path, image_dir: str | Path) -> None:
+    def __init__(self, annotation_file: str | Path, image_dir: str | Path, *, flip: bool = True) -> None:
         self.annotation_file, self.image_dir = Path(annotation_file), Path(image_dir)
+        self.train_flip = flip
         self.coco = read_annotations(self.annotation_file)
         cats = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.category_ids = [c["id"] for c in cats]  # label -> category id
@@ -190,4 +195,4 @@ def load_detection(name: str, split: str, root: str | Path | None = None) -> Coc
     if not annotation_file.is_file():
         raise DatasetNotFoundError(f"{name}: {annotation_file} not found; {source.how_to_get} (layout: "
                                    f"annotations/instances_{file_split}.json and {file_split}/)")
-    return CocoDetection(annotation_file, folder / file_split)
+    return CocoDetection(annotation_file, folder / file_split, flip=source.flip)

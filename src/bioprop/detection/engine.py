@@ -137,7 +137,8 @@ class DetectionTask(Task):
         common = dict(min_size=model.min_size, max_size=model.max_size, seed=config.seed, rank=env.rank,
                       world_size=env.world_size, num_workers=config.num_workers, device=device)
         train_set = data.extra["train_set"]
-        data.train_loader = DetectionLoader(train_set, batch, train=True, flip=config.augment != "off", **common)
+        flip = {"auto": train_set.train_flip, "on": True, "off": False}[config.augment]  # auto: the set's own
+        data.train_loader = DetectionLoader(train_set, batch, train=True, flip=flip, **common)
         data.test_loader = DetectionLoader(data.extra["test_set"], max(batch, 8), train=False, **common)
         if len(data.train_loader) == 0:
             raise ConfigError("batch_size", f"batch {config.batch_size} is larger than the training set "
