@@ -298,3 +298,34 @@ def test_sign_feedback_under_autocast_takes_signs_from_the_uncast_weight() -> No
 def test_sign_feedback_magnitude_shape_mismatch_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="SignFeedback.magnitude must have the weight's shape"):
         feedback_linear(torch.randn(2, 3), torch.randn(4, 3), None, SignFeedback(torch.randn(3, 4)))
+
+
+def test_feedback_ops_bind_no_signature_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's Function.apply binds the forward's signature with inspect on every call (about 60 µs): the
+    feedback ops skip it, and their gradients are still the closed form dL/dx = δ·B."""
+    import inspect
+
+    def no_binding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("inspect.signature called in a feedback op")
+
+    x = torch.randn(3, 4, requires_grad=True)
+    w, b = torch.randn(5, 4, requires_grad=True), torch.randn(5, 4)
+    image, kernel = torch.randn(2, 4, 6, 6, requires_grad=True), torch.randn(3, 4, 3, 3)
+    monkeypatch.setattr(inspect, "signature", no_binding)
+    feedback_linear(x, w, None, b).sum().backward()
+    feedback_conv(image, kernel, None, SignFeedback(), [1, 1], [1, 1], [1, 1]).sum().backward()
+    monkeypatch.undo()
+    assert torch.allclose(x.grad, b.sum(0).expand(3, 4))  # δ = 1 everywhere
+    assert torch.allclose(w.grad, x.detach().sum(0).expand(5, 4))
+    grad_y = torch.ones(2, 3, 6, 6)
+    expected = torch.nn.grad.conv2d_input(image.shape, torch.sign(kernel), grad_y, padding=1)
+    assert torch.allclose(image.grad, expected, atol=1e-5)
+
+
+def test_feedback_ops_under_torch_func_transforms() -> None:
+    """Under torch.func the ops take torch's own apply path, with the same B-routed gradient."""
+    w, b = torch.randn(5, 4), torch.randn(5, 4)
+    x = torch.randn(3, 4)
+    grad_x = torch.func.grad(lambda t: feedback_linear(t, w, None, b).pow(2).sum())(x)
+    delta = 2 * (x @ w.t())  # dL/dy
+    assert torch.allclose(grad_x, delta @ b, atol=1e-5)

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from ..functional import PositionalFunction
 from .marker import DirectFeedback
 
 __all__ = ["DirectProjection", "IndirectProjection", "DenseProjection", "Plan"]
@@ -57,7 +58,7 @@ def _errors(grad_output: Tensor, feedback: Tensor) -> Tensor:
     return grad_output.reshape(-1, feedback.shape[0])  # (N, n_out), N = product of the batch dims
 
 
-class _OutputProjection(torch.autograd.Function):
+class _OutputProjection(PositionalFunction):
     """Identity on the model output whose inputs also include the marked block outputs ``h_l``, so that its
     backward, which receives ``e = dL/dŷ``, can hand each block its direct signal. Subclasses define the signal."""
 
