@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bioprop.functional import SignFeedback, feedback_conv, feedback_linear
+from bioprop.functional import AffineFeedback, SignFeedback, feedback_conv, feedback_linear
 
 
 class OpCounter(TorchDispatchMode):
@@ -329,3 +329,38 @@ def test_feedback_ops_under_torch_func_transforms() -> None:
     grad_x = torch.func.grad(lambda t: feedback_linear(t, w, None, b).pow(2).sum())(x)
     delta = 2 * (x @ w.t())  # dL/dy
     assert torch.allclose(grad_x, delta @ b, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (0.6, -0.8), ("tensor", "tensor")])
+def test_affine_feedback_is_built_in_the_backward(alpha: float | str, beta: float | str) -> None:
+    """An AffineFeedback gives δx = δy·(αW + βT) (NumPy reference) and exact dW, for linear and conv, while the
+    op saves only x, W and T (no W-sized tensor of its own)."""
+    g = torch.Generator().manual_seed(9)
+    a = torch.tensor(0.6, dtype=torch.float64) if alpha == "tensor" else alpha
+    b = torch.tensor(-0.8, dtype=torch.float64) if beta == "tensor" else beta
+    w = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    offset = torch.randn(4, 5, dtype=torch.float64, generator=g)
+    recipe = AffineFeedback(offset, a, b)
+    b_ref = float(a) * w.detach().numpy() + float(b) * offset.numpy()
+    np.testing.assert_allclose(recipe.build(w).numpy(), b_ref, rtol=1e-14)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = feedback_linear(x, w, None, recipe)
+    assert saved and all(t.data_ptr() in {x.data_ptr(), w.data_ptr(), offset.data_ptr()} for t in saved)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    y.backward(gy)
+    np.testing.assert_allclose(x.grad.numpy(), gy.numpy() @ b_ref, rtol=1e-12)
+    np.testing.assert_allclose(w.grad.numpy(), gy.numpy().T @ x.detach().numpy(), rtol=1e-12)
+
+    wc = torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    recipe = AffineFeedback(torch.randn(6, 2, 3, 3, dtype=torch.float64, generator=g), a, b)
+    xc = torch.randn(2, 4, 6, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    yc = feedback_conv(xc, wc, None, recipe, (1, 1), (1, 1), (1, 1), 2)
+    gyc = torch.randn(yc.shape, dtype=torch.float64, generator=g)
+    yc.backward(gyc)
+    xr = xc.detach().clone().requires_grad_()
+    F.conv2d(xr, recipe.build(wc), None, 1, 1, 1, 2).backward(gyc)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-12, atol=1e-13)
+    with pytest.raises(ValueError, match=r"AffineFeedback.offset must have the weight's shape \(4, 5\)"):
+        feedback_linear(x, w, None, AffineFeedback(torch.randn(5, 4)))

@@ -189,3 +189,21 @@ def test_usf_norm_readings_against_the_third_party_definitions() -> None:
         b0 = np_(bioprop.feedback_weights(fa)[name])
         np.testing.assert_array_equal(np_(bioprop.feedback_weights(fa_init)[name]), np.abs(b0) * s)
         np.testing.assert_array_equal(np_(frsf.get_submodule(name).feedback_magnitude), np.abs(b0))
+
+
+@pytest.mark.parametrize("rule, options", [("bp_noise", {"noise": 0.5}), ("bp_alignment", {"angle": 30.0})])
+def test_controls_hold_no_b_between_forward_and_backward(rule: str, options: dict) -> None:
+    """The controls' B (W + ξ, αW + βU) is built in the op's backward: the forward saves only x, W and the
+    rule's own state, and δx is still δy · B for the B that feedback_weights reports."""
+    net = bioprop.convert(nn.Sequential(nn.Linear(30, 20)).double(), rule, seed=2, **options)
+    layer = net[0]
+    x = torch.randn(6, 30, dtype=torch.float64, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = net(x)
+    state = {t.data_ptr() for name, t in layer.named_buffers() if name.startswith("feedback_")}
+    assert saved and all(t.data_ptr() in {x.data_ptr(), layer.weight.data_ptr()} | state for t in saved)
+    b = np_(bioprop.feedback_weights(net)["0"])
+    gy = torch.randn(6, 20, dtype=torch.float64)
+    y.backward(gy)
+    np.testing.assert_allclose(np_(x.grad), np_(gy) @ b, rtol=1e-10)

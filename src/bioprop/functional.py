@@ -11,7 +11,9 @@ optimizer applies the same update to both.
 A ``B`` that is a function of ``W`` (the sign-concordant rules) is passed as a :class:`SignFeedback` recipe,
 ``B = scale · magnitude ∘ sign(W)``, instead of a built matrix: the op then builds ``sign(W) ∘ magnitude`` in the
 backward from the ``W`` it saves anyway (no copy), and multiplies ``δx`` by the float ``scale``, so no ``B`` is
-held from the forward to the backward and the scale never costs a pass over a W-sized matrix.
+held from the forward to the backward and the scale never costs a pass over a W-sized matrix. A ``B`` of the form
+``alpha · W + beta · offset`` (the backprop controls: W plus noise, W rotated towards a direction) is passed as an
+:class:`AffineFeedback` and built in the backward in the same way.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["feedback_linear", "feedback_conv", "FeedbackLinearFunction", "FeedbackConvFunction", "SignFeedback",
-           "Feedback", "PositionalFunction"]
+           "AffineFeedback", "Feedback", "PositionalFunction"]
 
 
 class PositionalFunction(torch.autograd.Function):
@@ -58,69 +60,98 @@ class SignFeedback:
     def build(self, weight: Tensor) -> Tensor:
         """``B`` for ``weight`` as a new tensor, shape of ``weight``: what the op sends ``δx`` through."""
         with torch.no_grad():
-            feedback = torch.sign(weight.detach())
-            if self.magnitude is not None:
-                feedback.mul_(self.magnitude)
+            feedback = _build("sign", weight.detach(), self.magnitude, 1.0, 1.0, weight.dtype)
             if not _is_one(self.scale):
                 feedback.mul_(self.scale)
         return feedback
 
 
+@dataclass(frozen=True)
+class AffineFeedback:
+    """A feedback weight built from W: ``B = alpha · W + beta · offset``, with the W the op saves.
+
+    Attributes:
+        offset: a tensor of W's shape (e.g. a noise draw, or a direction).
+        alpha, beta: floats or 0-dim tensors.
+    """
+
+    offset: Tensor
+    alpha: float | Tensor = 1.0
+    beta: float | Tensor = 1.0
+
+    def build(self, weight: Tensor) -> Tensor:
+        """``B`` for ``weight`` as a new tensor, shape of ``weight``."""
+        with torch.no_grad():
+            return _build("affine", weight.detach(), self.offset, self.alpha, self.beta, weight.dtype)
+
+
 #: what a feedback op takes as B: the matrix itself, or a recipe that builds it from W in the backward
-Feedback = Tensor | SignFeedback
+Feedback = Tensor | SignFeedback | AffineFeedback
 
 
 def _is_one(scale: float | Tensor) -> bool:
     return not isinstance(scale, Tensor) and scale == 1.0
 
 
-def _sign_build(source: Tensor, magnitude: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """``sign(W) ∘ magnitude`` in W's dtype, then cast to the backward's dtype (as autocast casts a built B)."""
-    feedback = torch.sign(source)
-    if magnitude is not None:
-        feedback.mul_(magnitude)
+def _build(mode: str, source: Tensor, operand: Tensor | None, alpha: float | Tensor, beta: float | Tensor,
+           dtype: torch.dtype) -> Tensor:
+    """A recipe's ``B`` from W (``source``) in W's dtype, then cast to ``dtype`` (as autocast casts a built B).
+
+    ``mode`` "sign": ``sign(W) ∘ operand`` (operand None: 1); "affine": ``alpha · W + beta · operand``.
+    """
+    if mode == "sign":
+        feedback = torch.sign(source)
+        if operand is not None:
+            feedback.mul_(operand)
+    else:
+        base = source if _is_one(alpha) else source * alpha
+        feedback = torch.addcmul(base, operand, beta) if isinstance(beta, Tensor) else \
+            torch.add(base, operand, alpha=beta)
     return feedback if feedback.dtype == dtype else feedback.to(dtype)
 
 
 class FeedbackLinearFunction(PositionalFunction):
     """``y = x Wᵀ + b`` whose backward sends ``grad_y · B`` to ``x``. Use :func:`feedback_linear`.
 
-    ``B`` is ``feedback_weight``; or, when that is None, ``sign(source) ∘ magnitude`` built in the backward
-    (``source`` is W before any autocast cast, None for ``weight`` itself), and ``δx`` is multiplied by ``scale``.
+    ``B`` is ``feedback_weight`` when ``mode`` is ""; else it is built in the backward by :func:`_build` from
+    ``source`` (W before any autocast cast, None for ``weight`` itself) and ``operand``, ``alpha``, ``beta``, and
+    ``δx`` is multiplied by ``scale``.
     """
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor | None,
-                magnitude: Tensor | None = None, scale: float | Tensor = 1.0, source: Tensor | None = None) -> Tensor:
+    def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor | None, mode: str,
+                operand: Tensor | None, alpha: float | Tensor, beta: float | Tensor, scale: float | Tensor,
+                source: Tensor | None) -> Tensor:
         return F.linear(x, weight, bias)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, feedback_weight, magnitude, scale, source = inputs
+        x, weight, bias, feedback_weight, mode, operand, alpha, beta, scale, source = inputs
         need_x = ctx.needs_input_grad[0]
-        ctx.build = feedback_weight is None
-        if ctx.build:  # B is built in the backward from W (no copy: W is alive anyway) and the magnitudes
+        ctx.mode = mode
+        if mode:  # B is built in the backward from W (no copy: W is alive anyway) and the operand
             feedback_weight = (weight if source is None else source) if need_x else None
-            magnitude = magnitude if need_x else None
+            operand = operand if need_x else None
         # Only what the backward reads is saved: x for dW, B (or what builds it) for dx.
         ctx.save_for_backward(x if ctx.needs_input_grad[1] or ctx.needs_input_grad[3] else None,
-                              feedback_weight if need_x else None, magnitude if ctx.build else None)
-        ctx.scale = scale if ctx.build else 1.0
+                              feedback_weight if need_x else None, operand if mode else None)
+        ctx.recipe = (alpha, beta, scale) if mode else (1.0, 1.0, 1.0)
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, feedback_weight, magnitude = ctx.saved_tensors
+        x, feedback_weight, operand = ctx.saved_tensors
+        alpha, beta, scale = ctx.recipe
         grad_x = grad_weight = grad_bias = grad_feedback = None
         out_features = grad_output.shape[-1]
         grad_2d = grad_output.reshape(-1, out_features)  # (N, out), N = all leading dims
         if ctx.needs_input_grad[0]:
-            if ctx.build:
-                feedback_weight = _sign_build(feedback_weight, magnitude, grad_output.dtype)  # (out, in)
+            if ctx.mode:
+                feedback_weight = _build(ctx.mode, feedback_weight, operand, alpha, beta, grad_output.dtype)
             grad_x = grad_output.matmul(feedback_weight)  # (..., out) @ (out, in) -> (..., in)
             del feedback_weight  # a built B lives only for this product
-            if not _is_one(ctx.scale):
-                grad_x.mul_(ctx.scale)
+            if not _is_one(scale):
+                grad_x.mul_(scale)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
             grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # (out, N) @ (N, in) -> (out, in)
             if ctx.needs_input_grad[3]:
@@ -129,52 +160,56 @@ class FeedbackLinearFunction(PositionalFunction):
                 grad_weight = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
-        return grad_x, grad_weight, grad_bias, grad_feedback, None, None, None
+        return grad_x, grad_weight, grad_bias, grad_feedback, None, None, None, None, None, None
 
 
 class FeedbackConvFunction(PositionalFunction):
     """N-d convolution whose backward uses B as the weight of the input gradient. Use :func:`feedback_conv`.
 
-    ``B`` is ``feedback_weight``, or built in the backward as in :class:`FeedbackLinearFunction` when it is None.
+    ``B`` is ``feedback_weight``, or built in the backward as in :class:`FeedbackLinearFunction` when ``mode``
+    is not "".
     """
 
     @staticmethod
     def forward(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Tensor | None,
-                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
-                magnitude: Tensor | None = None, scale: float | Tensor = 1.0, source: Tensor | None = None) -> Tensor:
+                stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int, mode: str,
+                operand: Tensor | None, alpha: float | Tensor, beta: float | Tensor, scale: float | Tensor,
+                source: Tensor | None) -> Tensor:
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
-        x, weight, bias, feedback_weight, stride, padding, dilation, groups, magnitude, scale, source = inputs
-        ctx.build = feedback_weight is None
-        if ctx.build:  # the fused backward needs a weight of W's shape even when dx is not wanted: W itself
+        (x, weight, bias, feedback_weight, stride, padding, dilation, groups, mode, operand, alpha, beta, scale,
+         source) = inputs
+        ctx.mode = mode
+        if mode:  # the fused backward needs a weight of W's shape even when dx is not wanted: W itself
             feedback_weight = weight if source is None else source
-        ctx.save_for_backward(x, feedback_weight, magnitude if ctx.build and ctx.needs_input_grad[0] else None)
-        ctx.scale = scale if ctx.build else 1.0
+        ctx.save_for_backward(x, feedback_weight, operand if mode and ctx.needs_input_grad[0] else None)
+        ctx.recipe = (alpha, beta, scale) if mode else (1.0, 1.0, 1.0)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        x, feedback_weight, magnitude = ctx.saved_tensors
+        x, feedback_weight, operand = ctx.saved_tensors
+        alpha, beta, scale = ctx.recipe
         stride, padding, dilation, groups = ctx.conv_args
         need_x, need_w, need_b, need_fb = ctx.needs_input_grad[:4]
         need_b = need_b and ctx.bias_shape is not None
-        if ctx.build:
-            feedback_weight = _sign_build(feedback_weight, magnitude, grad_output.dtype) if need_x \
-                else feedback_weight.to(grad_output.dtype)  # only its shape is read then
+        if ctx.mode:
+            feedback_weight = _build(ctx.mode, feedback_weight, operand, alpha, beta, grad_output.dtype) \
+                if need_x else feedback_weight.to(grad_output.dtype)  # only its shape is read then
         # One fused call, exactly as native autograd makes it, with B as the weight argument: the input
         # gradient is computed with B, the weight gradient reads only x and grad_output.
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_output, x, feedback_weight, ctx.bias_shape, stride, padding, dilation,
             False, [0] * len(stride), groups, [need_x, need_w or need_fb, need_b])
         del feedback_weight
-        if need_x and not _is_one(ctx.scale):
-            grad_x.mul_(ctx.scale)
+        if need_x and not _is_one(scale):
+            grad_x.mul_(scale)
         grad_feedback = grad_weight if need_fb else None
         return (grad_x, grad_weight if need_w else None, grad_bias if need_b else None, grad_feedback,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None, None, None)
 
 
 def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Feedback) -> Tensor:
@@ -184,15 +219,15 @@ def feedback_linear(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_wei
         x: input, ``(*, in_features)``.
         weight: forward weight W, ``(out_features, in_features)``.
         bias: ``(out_features,)`` or None.
-        feedback_weight: B, same shape as ``weight``, or a :class:`SignFeedback` that the backward builds B from.
-            ``dL/dx = dL/dy · B``.
+        feedback_weight: B, same shape as ``weight``, or a :class:`SignFeedback` or :class:`AffineFeedback` that
+            the backward builds B from. ``dL/dx = dL/dy · B``.
 
     Returns:
         ``(*, out_features)``.
 
     Under autocast the operands are cast to the autocast dtype first, as autocast does for ``F.linear``, so the
-    backward runs in one dtype and each gradient is cast back to its leaf's dtype by autograd. A
-    :class:`SignFeedback` takes its signs from the uncast W.
+    backward runs in one dtype and each gradient is cast back to its leaf's dtype by autograd. A recipe builds B
+    from the uncast W.
     """
     _check_shape(weight, feedback_weight)
     weight_in = weight
@@ -213,7 +248,8 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
         x: input, ``(B, C_in, *spatial)``, or unbatched ``(C_in, *spatial)`` as ``F.conv{1,2,3}d`` accept it.
         weight: W, ``(C_out, C_in / groups, *kernel)``.
         bias: ``(C_out,)`` or None.
-        feedback_weight: B, same shape as ``weight``, or a :class:`SignFeedback` that the backward builds B from.
+        feedback_weight: B, same shape as ``weight``, or a recipe (:class:`SignFeedback`, :class:`AffineFeedback`)
+            that the backward builds B from.
         stride, padding, dilation: one int per spatial dimension.
         groups: number of blocked connections, as in ``torch.nn.Conv2d``.
 
@@ -228,35 +264,40 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
     conv_args = (list(stride), list(padding), list(dilation), int(groups))
     weight_in = weight
     x, weight, bias, feedback, device_type = _autocast_operands(x, weight, bias, feedback_weight)
-    b, magnitude, scale, source = _feedback_args(feedback, weight_in, weight)
+    b, *recipe = _feedback_args(feedback, weight_in, weight)
     if device_type is None:
-        return FeedbackConvFunction.apply(x, weight, bias, b, *conv_args, magnitude, scale, source)
+        return FeedbackConvFunction.apply(x, weight, bias, b, *conv_args, *recipe)
     with torch.autocast(device_type, enabled=False):
-        return FeedbackConvFunction.apply(x, weight, bias, b, *conv_args, magnitude, scale, source)
+        return FeedbackConvFunction.apply(x, weight, bias, b, *conv_args, *recipe)
 
 
 def _check_shape(weight: Tensor, feedback: Feedback) -> None:
-    shape = feedback.shape if isinstance(feedback, Tensor) else \
-        (None if feedback.magnitude is None else feedback.magnitude.shape)
+    if isinstance(feedback, Tensor):
+        shape, what = feedback.shape, "feedback_weight"
+    elif isinstance(feedback, SignFeedback):
+        shape, what = (None if feedback.magnitude is None else feedback.magnitude.shape), "SignFeedback.magnitude"
+    else:
+        shape, what = feedback.offset.shape, "AffineFeedback.offset"
     if shape is not None and shape != weight.shape:
-        what = "feedback_weight" if isinstance(feedback, Tensor) else "SignFeedback.magnitude"
         raise ValueError(f"{what} must have the weight's shape {tuple(weight.shape)}, got {tuple(shape)}")
 
 
-def _feedback_args(feedback: Feedback, weight_in: Tensor, weight: Tensor
-                   ) -> tuple[Tensor | None, Tensor | None, float | Tensor, Tensor | None]:
-    """``(B, magnitude, scale, source)`` for the Functions: a built B, or None and what builds it."""
+def _feedback_args(feedback: Feedback, weight_in: Tensor, weight: Tensor) -> tuple[Any, ...]:
+    """``(B, mode, operand, alpha, beta, scale, source)`` for the Functions: a built B (mode ""), or None and the
+    recipe that builds it."""
     if isinstance(feedback, Tensor):
-        return feedback, None, 1.0, None
-    # Under autocast W was cast: the signs come from the uncast W (detached: it is not an input of dx).
+        return feedback, "", None, 1.0, 1.0, 1.0, None
+    # Under autocast W was cast: B is built from the uncast W (detached: it is not an input of dx).
     source = None if weight is weight_in else weight_in.detach()
-    return None, feedback.magnitude, feedback.scale, source
+    if isinstance(feedback, SignFeedback):
+        return None, "sign", feedback.magnitude, 1.0, 1.0, feedback.scale, source
+    return None, "affine", feedback.offset, feedback.alpha, feedback.beta, 1.0, source
 
 
 def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Feedback
                        ) -> tuple[Tensor, Tensor, Tensor | None, Feedback, str | None]:
-    """Cast the operands to the autocast dtype when autocast is on for ``x``'s device; else return them. A
-    :class:`SignFeedback` is left as it is (its B is built in W's dtype and cast in the backward)."""
+    """Cast the operands to the autocast dtype when autocast is on for ``x``'s device; else return them. A recipe
+    is left as it is (its B is built in W's dtype and cast in the backward)."""
     device_type = x.device.type
     if device_type == "meta" or not torch.is_autocast_enabled(device_type):  # autocast has no meta device
         return x, weight, bias, feedback_weight, None

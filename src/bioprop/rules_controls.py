@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .functional import AffineFeedback, Feedback
 from .rules import LayerRule, RedrawnPerUpdate, register_rule, register_state
 
 __all__ = ["BackpropNoise", "BackpropAlignment", "UNIT_FEEDBACK_ANGLE"]
@@ -52,7 +53,8 @@ class BackpropNoise(RedrawnPerUpdate):
     as much misalignment as sign-concordant feedback at initialisation, but with no structure. ``noise=0``
     is exactly ``sham``.
 
-    Cost: one Gaussian draw and one std per update; one elementwise add ``W + ξ`` per forward pass.
+    Cost: one Gaussian draw and one std per update; one elementwise add ``W + ξ`` per step, in the backward
+    (only the B of the layer whose backward runs exists at a time).
 
     Args:
         noise: the noise std relative to W's own std (>= 0).
@@ -82,10 +84,13 @@ class BackpropNoise(RedrawnPerUpdate):
             noise.zero_()
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
-        weight = layer.weight.detach()
+        feedback = self.feedback(layer)
+        return feedback if isinstance(feedback, Tensor) else feedback.build(layer.weight)
+
+    def feedback(self, layer: nn.Module) -> Feedback | None:
         if self.noise == 0:
-            return weight  # sham: the same tensor
-        return torch.add(weight, layer.feedback_noise)
+            return layer.weight.detach()  # sham: the same tensor
+        return AffineFeedback(layer.feedback_noise)  # W + ξ, built in the op's backward
 
 
 @register_rule("bp_alignment", description="moskovitz2018 BP + Alignment: B of W's norm at a fixed angle to W")
@@ -105,7 +110,7 @@ class BackpropAlignment(LayerRule):
     weight), no orthogonal direction exists and B is ``cos θ · W``.
 
     Computed as :math:`B = \alpha W + \beta U` with two scalars from :math:`W\cdot W` and :math:`U\cdot W`:
-    per forward pass, two dot products and two elementwise kernels over W (no extra pass in the backward).
+    per forward pass two dot products; B itself is built in the op's backward (two elementwise kernels over W).
 
     Args:
         angle: θ in degrees, in [0, 180].
@@ -126,6 +131,10 @@ class BackpropAlignment(LayerRule):
         register_state(layer, "feedback_direction", direction.to(weight.dtype))
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
+        feedback = self.feedback(layer)
+        return feedback if isinstance(feedback, Tensor) else feedback.build(layer.weight)
+
+    def feedback(self, layer: nn.Module) -> Feedback | None:
         weight = layer.weight.detach()
         if self.angle == 0:
             return weight  # sham: the same tensor
@@ -142,5 +151,5 @@ class BackpropAlignment(LayerRule):
             beta = torch.where(vv > 1e-12, math.sin(theta) * (ww / vv.clamp_min(tiny)).sqrt(),
                                torch.zeros_like(vv))
             alpha = math.cos(theta) - beta * uw / ww_safe
-            direction = layer.feedback_direction.to(weight.dtype)
-            return torch.addcmul(weight * alpha.to(weight.dtype), direction, beta.to(weight.dtype))
+        # α W + β U, built in the op's backward
+        return AffineFeedback(layer.feedback_direction, alpha.to(weight.dtype), beta.to(weight.dtype))
