@@ -288,6 +288,16 @@ def test_weight_mirror_turns_b_towards_w() -> None:
     assert all(angle[k] < 10 < angle0[k] for k in angle)
     convnet_wm = bioprop.convert(convnet(dtype=torch.float32), "wm", lr=0.1, decay=0.1)
     a0 = bioprop.metrics.alignment(convnet_wm)
+    # a convolution's step, closed form: y xᵀ is the weight gradient of noise images one kernel footprint wide
+    conv_name, conv = next((n, m) for n, m in convnet_wm.named_modules() if isinstance(m, nn.Conv2d))
+    b_before = conv.feedback_weight.clone()
+    mirror_step(convnet_wm, batch_size=8, step=0, seed=4)
+    gen = torch.Generator().manual_seed(derive_seed(4, "weight_mirror", 0, conv_name))
+    k = conv.weight.shape[2:]
+    x = torch.randn(8, conv.in_channels, *[d * (s - 1) + 1 for s, d in zip(k, conv.dilation)], generator=gen)
+    y = nn.functional.conv2d(x, conv.weight.detach(), dilation=conv.dilation, groups=conv.groups)
+    yx = torch.nn.grad.conv2d_weight(x, conv.weight.shape, y, dilation=conv.dilation, groups=conv.groups)
+    torch.testing.assert_close(conv.feedback_weight, 0.9 * b_before + 0.1 * yx / 8, rtol=1e-5, atol=1e-6)
     for _ in range(200):
         mirror_step(convnet_wm, batch_size=64)
     a1 = bioprop.metrics.alignment(convnet_wm)

@@ -39,8 +39,7 @@ def mirror_layer(layer: nn.Module, feedback: Tensor, *, lr: float, decay: float,
     """
     generator = torch.Generator(device=layer.weight.device)
     generator.manual_seed(mirror_seed(seed, count, name))
-    update = _response_correlation(layer, batch_size, noise_std, generator)
-    feedback.mul_(1.0 - decay).add_(update, alpha=lr)
+    _add_response_correlation(layer, feedback, batch_size, noise_std, generator, keep=1.0 - decay, lr=lr)
 
 
 def mirror_step(model: nn.Module, batch_size: int = 64, *, step: int | None = None, seed: int = 0) -> int:
@@ -66,14 +65,18 @@ def mirror_step(model: nn.Module, batch_size: int = 64, *, step: int | None = No
     return updated
 
 
-def _response_correlation(layer: nn.Module, n: int, noise_std: float, generator: torch.Generator) -> Tensor:
-    """``y xᵀ / n`` for noise input x through the layer's forward weight alone (no bias)."""
+def _add_response_correlation(layer: nn.Module, feedback: Tensor, n: int, noise_std: float,
+                              generator: torch.Generator, *, keep: float, lr: float) -> None:
+    """``feedback ← keep · feedback + lr · y xᵀ / n`` in place, for noise input x through the layer's forward
+    weight alone (no bias). A linear layer's ``y xᵀ`` is accumulated into ``feedback`` by one fused matrix
+    product, without a W-sized temporary."""
     weight = layer.weight
     if isinstance(layer, nn.Linear):
         x = torch.randn(n, weight.shape[1], generator=generator, device=weight.device, dtype=weight.dtype)
         x.mul_(noise_std)  # (n, in)
         y = x @ weight.t()  # (n, out)
-        return y.t() @ x / n  # (out, in)
+        feedback.addmm_(y.t(), x, beta=keep, alpha=lr / n)  # (out, n) @ (n, in)
+        return
     # Convolution: noise images just large enough for one kernel footprint per output position.
     spatial = [d * (k - 1) + 1 for k, d in zip(weight.shape[2:], layer.dilation)]
     in_channels = weight.shape[1] * layer.groups
@@ -83,5 +86,5 @@ def _response_correlation(layer: nn.Module, n: int, noise_std: float, generator:
                           [0] * len(spatial), layer.groups)  # (n, C_out, 1, 1)
     _, grad_weight, _ = torch.ops.aten.convolution_backward(
         y, x, weight, None, [1] * len(spatial), [0] * len(spatial), list(layer.dilation), False,
-        [0] * len(spatial), layer.groups, [False, True, False])
-    return grad_weight / n
+        [0] * len(spatial), layer.groups, [False, True, False])  # y xᵀ, shape of W
+    feedback.mul_(keep).add_(grad_weight, alpha=lr / n)
