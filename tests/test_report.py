@@ -152,3 +152,23 @@ def test_tsne_nets_train_on_digits() -> None:
         assert entry.features.shape == (200, 32) and entry.labels.shape == (200,)
         assert np.abs(entry.features).max() <= 1.0  # tanh units
         assert entry.test_error < 30.0  # it learned: chance is 90 %
+
+
+def test_per_layer_figure_of_a_deep_net_has_a_colour_bar_and_no_layer_legend(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past 8 layers the lines are told apart by a discrete colour bar of exactly the layers drawn; a legend, if
+    any, holds only the reference line (a legend of 21 layers covered the curves)."""
+    from types import SimpleNamespace
+
+    from bioprop.report import figures
+    series = {f"layer{i}": np.full(3, 10.0 + i) for i in range(21)}
+    monkeypatch.setattr(figures, "analysis_series", lambda run, key: (np.arange(1, 4), series))
+    fig, note = figures.per_layer([SimpleNamespace(label="usf")], "alignment", title="t", ylabel="angle",
+                                  missing="none", reference=(90.0, "90°"))
+    assert note == ""
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["90°"]
+    bar = fig.axes[1]  # the colour bar's axes
+    assert bar.get_ylim() == pytest.approx((-0.5, 20.5))
+    fig2, _ = figures.per_layer([SimpleNamespace(label="usf")], "alignment", title="t", ylabel="angle",
+                                missing="none")
+    assert fig2.axes[0].get_legend() is None and len(fig2.axes) == 2

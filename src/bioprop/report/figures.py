@@ -77,7 +77,7 @@ def per_layer(runs: list[RunData], key: str, *, title: str, ylabel: str, missing
         colors = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(series)))
         for color, (layer, values) in zip(colors, series.items()):
             ax.plot(epochs, values, color=color, label=layer, marker="o" if len(epochs) <= 20 else None, ms=3)
-        if reference is not None:
+        reference_line = None if reference is None else \
             ax.axhline(reference[0], color="gray", ls=":", lw=1, label=reference[1])
         ax.set(title=run.label, xlabel="epoch", ylabel=ylabel)
         if ylim is not None:
@@ -86,11 +86,13 @@ def per_layer(runs: list[RunData], key: str, *, title: str, ylabel: str, missing
         ax.grid(alpha=0.3)
         if len(series) <= 8:
             ax.legend(fontsize=7, title="layer", title_fontsize=7)
-        else:
-            mappable = plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, (len(series) - 1) / 0.9))
+        else:  # too many layers for a legend: a discrete colour bar of exactly the layers drawn
+            from matplotlib.colors import ListedColormap
+            mappable = plt.cm.ScalarMappable(cmap=ListedColormap(colors),
+                                             norm=plt.Normalize(-0.5, len(series) - 0.5))
             fig.colorbar(mappable, ax=ax, label="layer index (input → output)")
-            if reference is not None:
-                ax.legend(fontsize=7)
+            if reference_line is not None:
+                ax.legend(handles=[reference_line], fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     return fig, ""
