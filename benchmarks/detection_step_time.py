@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -37,8 +38,6 @@ def make_step(rule: str, batch: int, size: int, device: str):  # type: ignore[no
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
     return step
 
 
@@ -51,21 +50,28 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="cpu",
+                        help="cpu: CPU time of this process (one thread; other jobs do not inflate it); wall: elapsed")
     parser.add_argument("--out", default="docs/perf_detection.md", help="Markdown file, or - to print only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rules = args.rules.split(",")
     steps = {r: make_step(r, args.batch, args.size, args.device) for r in rules}
-    times = paired_times(steps, args.rounds, args.steps, warmup=1, rotate=False)
+    clock = time.process_time if args.clock == "cpu" and args.device == "cpu" else time.perf_counter
+    # rotate: each round starts with the next rule, so that no rule always runs right after another one
+    times = paired_times(steps, args.rounds, args.steps, warmup=1, rotate=True, clock=clock,
+                         sync=torch.cuda.synchronize if args.device.startswith("cuda") else None)
     ratios = {r: paired_ratios(times, r, "backprop") for r in rules}
     lines = ["# Detector step time per rule", "",
              f"RetinaNet reduced net ({', '.join(f'{k}={v}' for k, v in REDUCED.items())}), batch {args.batch} "
              f"of {args.size}×{args.size} images, {args.device}, {args.threads} thread(s), torch "
              f"{torch.__version__}, {platform.processor() or platform.machine()}; median over {args.rounds} "
-             f"rounds of {args.steps} steps; the heads' output layers use backprop.", "",
+             f"rounds of {args.steps} steps, each round starting with the next rule; the heads' output layers use "
+             "backprop.", "",
              f"Command: `python benchmarks/detection_step_time.py --rules {args.rules} --rounds {args.rounds} "
              f"--steps {args.steps} "
-             f"--batch {args.batch} --size {args.size} --device {args.device} --threads {args.threads}`", "",
+             f"--batch {args.batch} --size {args.size} --device {args.device} --threads {args.threads} "
+             f"--clock {args.clock}`", "",
              "| rule | ms / step | × backprop |", "|---|---|---|"]
     for rule in rules:
         lines.append(f"| {rule} | {1000 * statistics.median(times[rule]):.0f} | "

@@ -36,6 +36,9 @@ def run(tmp_path: Path, *argv: str, out: str | Path | None = None) -> int:
     (["--seed", "-1"], "bioprop: error: --seed: seed must be an integer in 0 .. 2**64-1"),
     (["--seed", str(2**64)], "bioprop: error: --seed: seed must be an integer in 0 .. 2**64-1"),
     (["--set", "model_args.depht=2"], "bioprop: error: --set model_args.depht=2: model_args of 'mlp'"),
+    (["--rule", "kp", "--optimizer", "adam", "--set", "weight_decay=0.001"],
+     "bioprop: error: --optimizer: Kolen-Pollack needs B's update to equal W's, which Adam with coupled "
+     "weight_decay=0.001 does not give; allowed: SGD"),
 ])
 def test_usage_errors_are_one_line_with_exit_2_and_leave_no_directory(tmp_path, capsys, argv, expected):
     assert run(tmp_path, *argv) == 2

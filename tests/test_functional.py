@@ -251,6 +251,35 @@ def test_sign_feedback_is_built_in_the_backward(magnitude: bool, scale: float | 
                                     (w.detach().requires_grad_(), bias.detach().requires_grad_()))
 
 
+@pytest.mark.parametrize("rows", [1, 64])
+def test_sign_feedback_scale_on_b_or_on_dx_gives_the_same_gradient(rows: int) -> None:
+    """The recipe's scale goes into the built B when B has no more entries than δx, else onto δx: both placements
+    give δx = δy · (s · sign(W)) (NumPy reference), for linear (1 row: δx smaller; 64 rows: B smaller) and conv
+    (a 1x1 input: δx smaller; a 9x9 input: B smaller)."""
+    from bioprop.functional import _fold_scale
+    g = torch.Generator().manual_seed(11)
+    s = 0.37
+    w = torch.randn(40, 5, dtype=torch.float64, generator=g)
+    x = torch.randn(rows, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    y = feedback_linear(x, w, None, SignFeedback(scale=s))
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=g)
+    y.backward(gy)
+    np.testing.assert_allclose(x.grad.numpy(), gy.numpy() @ (s * np.sign(w.numpy())), rtol=1e-12)
+    built, left = _fold_scale(torch.sign(w), s, rows * 5)
+    assert (left == 1.0 and torch.equal(built, s * torch.sign(w))) if rows == 64 else \
+        (left == s and torch.equal(built, torch.sign(w)))
+
+    wc = torch.randn(6, 4, 3, 3, dtype=torch.float64, generator=g)
+    side = 1 if rows == 1 else 9
+    xc = torch.randn(1, 4, side, side, dtype=torch.float64, generator=g, requires_grad=True)
+    yc = feedback_conv(xc, wc, None, SignFeedback(scale=s), (1, 1), (1, 1), (1, 1))
+    gyc = torch.randn(yc.shape, dtype=torch.float64, generator=g)
+    yc.backward(gyc)
+    xr = xc.detach().clone().requires_grad_()
+    F.conv2d(xr, s * torch.sign(wc), None, 1, 1).backward(gyc)
+    torch.testing.assert_close(xc.grad, xr.grad, rtol=1e-12, atol=1e-13)
+
+
 def test_sign_feedback_keeps_no_b_between_forward_and_backward() -> None:
     """With a SignFeedback the op saves x, W itself and the magnitudes (no new W-sized tensor), and builds B in the
     backward; with a built B it saves that B."""

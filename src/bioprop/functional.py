@@ -5,13 +5,15 @@ signal sent to the input changes: ``dL/dx = dL/dy · B`` instead of ``dL/dy · W
 ``B`` has the shape of ``W``. Each op computes the same products native autograd would, with ``B`` in place of
 ``W``, and skips ``dL/dx`` when nothing upstream needs it.
 
-A feedback weight that itself requires grad (Kolen-Pollack) receives the same gradient as ``W``, so that any
-optimizer applies the same update to both.
+A feedback weight that itself requires grad receives the same gradient as ``W``, so that any optimizer applies
+the same update to both (the literal form of Kolen-Pollack; the ``kp`` rule gets the same result without a ``B``
+parameter, see :mod:`bioprop.learned`).
 
 A ``B`` that is a function of ``W`` (the sign-concordant rules) is passed as a :class:`SignFeedback` recipe,
 ``B = scale · magnitude ∘ sign(W)``, instead of a built matrix: the op then builds ``sign(W) ∘ magnitude`` in the
-backward from the ``W`` it saves anyway (no copy), and multiplies ``δx`` by the float ``scale``, so no ``B`` is
-held from the forward to the backward and the scale never costs a pass over a W-sized matrix. A ``B`` of the form
+backward from the ``W`` it saves anyway (no copy), and applies the float ``scale`` to whichever of the built
+``B`` and ``δx`` has fewer entries (``δx`` for a wide linear layer, ``B`` for a convolution), so no ``B`` is held
+from the forward to the backward and the scale costs the smaller of the two passes. A ``B`` of the form
 ``alpha · W + beta · offset`` (the backprop controls: W plus noise, W rotated towards a direction) is passed as an
 :class:`AffineFeedback` and built in the backward in the same way.
 """
@@ -93,6 +95,14 @@ def _is_one(scale: float | Tensor) -> bool:
     return not isinstance(scale, Tensor) and scale == 1.0
 
 
+def _fold_scale(feedback: Tensor, scale: float | Tensor, grad_x_numel: int) -> tuple[Tensor, float | Tensor]:
+    """Put a recipe's ``scale`` where it costs least: into the freshly built ``B`` (in place) when B has no more
+    entries than ``δx`` (convolutions, small batches), else leave it for ``δx``. Returns ``(B, scale left)``."""
+    if _is_one(scale) or feedback.numel() > grad_x_numel:
+        return feedback, scale
+    return feedback.mul_(scale), 1.0
+
+
 def _build(mode: str, source: Tensor, operand: Tensor | None, alpha: float | Tensor, beta: float | Tensor,
            dtype: torch.dtype) -> Tensor:
     """A recipe's ``B`` from W (``source``) in W's dtype, then cast to ``dtype`` (as autocast casts a built B).
@@ -148,6 +158,8 @@ class FeedbackLinearFunction(PositionalFunction):
         if ctx.needs_input_grad[0]:
             if ctx.mode:
                 feedback_weight = _build(ctx.mode, feedback_weight, operand, alpha, beta, grad_output.dtype)
+                feedback_weight, scale = _fold_scale(feedback_weight, scale,
+                                                     grad_2d.shape[0] * feedback_weight.shape[-1])
             grad_x = grad_output.matmul(feedback_weight)  # (..., out) @ (out, in) -> (..., in)
             del feedback_weight  # a built B lives only for this product
             if not _is_one(scale):
@@ -199,6 +211,8 @@ class FeedbackConvFunction(PositionalFunction):
         if ctx.mode:
             feedback_weight = _build(ctx.mode, feedback_weight, operand, alpha, beta, grad_output.dtype) \
                 if need_x else feedback_weight.to(grad_output.dtype)  # only its shape is read then
+            if need_x:
+                feedback_weight, scale = _fold_scale(feedback_weight, scale, x.numel())
         # One fused call, exactly as native autograd makes it, with B as the weight argument: the input
         # gradient is computed with B, the weight gradient reads only x and grad_output.
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(

@@ -52,10 +52,7 @@ class FeedbackLayer:
                                "bioprop.reset_feedback(model) after to_empty() (once W has its values)")
         if not torch.is_grad_enabled():
             return None
-        if not rule.learns_feedback and not x.requires_grad:
-            # Nobody will read dL/dx; the native op's dW and db are already exact.
-            return None
-        if not (x.requires_grad or self.weight.requires_grad):
+        if not x.requires_grad:  # nobody will read dL/dx; the native op's dW and db are already exact
             return None
         if type(rule).before_forward is not LayerRule.before_forward and not self.weight.is_meta:
             _run_eagerly(rule.before_forward, self)

@@ -1,14 +1,15 @@
-"""Learned feedback parameters (Kolen-Pollack) and optimizers built before :func:`bioprop.convert`.
+"""Feedback that follows the optimizer's steps of W (Kolen-Pollack), for optimizers built before or after convert.
 
-A rule with ``learns_feedback`` gives each layer new ``feedback_*`` parameters at conversion, which an optimizer
-built before then does not hold. So that such an optimizer still trains them, a global optimizer step pre-hook
-(installed once the first learned-feedback layer exists) runs before every optimizer step: a learned feedback
-parameter whose layer's ``weight`` is in one of the optimizer's param groups, while no group holds the feedback
-parameter itself, is added to that group, right after the layer's other parameters there. The optimizer then
-gives ``B`` the same lr, momentum and weight decay as ``W``, exactly as if it had been built after conversion
-(with the same parameter order, for groups built from ``model.parameters()``); its ``state_dict`` holds ``B``
-from that step on. The check costs one lookup per parameter, and only when the optimizer's parameters or the set
-of learned-feedback layers changed since its last step.
+A rule with ``learns_feedback`` changes its ``B`` at every optimizer step that updates the layer's ``W``. A global
+optimizer step pre-hook (installed once the first such layer exists) finds, for every optimizer, the param groups
+that hold such a layer's ``weight`` and calls the rule's ``before_optimizer_step(layer, optimizer, group)`` just
+before the step, for every layer whose ``W`` has a gradient (the optimizer skips the others). The optimizer may be
+built before or after conversion: it only needs to hold ``W``. The look-up is redone only when the optimizer's
+parameters or the set of such layers changed since its last step.
+
+:func:`shared_update_decay` is the scalar recursion behind Kolen-Pollack: two parameters that receive the same
+gradient in the same param group differ, after any number of steps, by a multiple ``c`` of their first
+difference, for every optimizer whose update is linear in (gradient, parameter) or independent of the parameter.
 """
 from __future__ import annotations
 
@@ -20,49 +21,110 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["track_learned_feedback"]
+__all__ = ["track_learned_feedback", "shared_update_decay", "check_optimizer", "SHARED_UPDATE_OPTIMIZERS"]
 
 _LAYERS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight Parameter -> weakref to its layer
-_CHECKED: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[int, int]]" = weakref.WeakKeyDictionary()
+_PLAN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple[tuple[int, int], list]]" = \
+    weakref.WeakKeyDictionary()
 _generation = 0
 _handle: Any = None
 
+#: optimizers whose weight decay is added to the gradient (``d = g + λW``, then momentum): the difference of two
+#: parameters with the same gradient follows SGD's momentum recursion on ``λ·c``
+_COUPLED = ("SGD", "BatchManhattan")
+#: optimizers whose update is a function of the gradients alone when ``weight_decay`` is 0, and with decoupled
+#: weight decay (``W ← (1 − ηλ)W`` first) when their ``decoupled_weight_decay`` is set (always for AdamW)
+_GRADIENT_ONLY = ("Adam", "AdamW", "NAdam", "RAdam", "Adamax", "RMSprop", "Adagrad", "Adadelta")
+_DECOUPLED = ("Adam", "AdamW", "NAdam", "RAdam")
+#: every optimizer (by class name, subclasses included) for which :func:`shared_update_decay` is exact
+SHARED_UPDATE_OPTIMIZERS = _COUPLED + _GRADIENT_ONLY
+
 
 def track_learned_feedback(layer: nn.Module) -> None:
-    """Record ``layer`` if its rule learns feedback parameters (or forget it if not). Call it whenever a layer's
-    rule or parameter objects change: conversion, unpickling or deep copy, ``to_empty``."""
+    """Record ``layer`` if its rule learns feedback (or forget it if not). Call it whenever a layer's rule or
+    parameter objects change: conversion, unpickling or deep copy, ``to_empty``."""
     global _generation, _handle
     weight = layer.weight
     if getattr(layer.rule, "learns_feedback", False):
         _LAYERS[weight] = weakref.ref(layer)
         if _handle is None:
-            _handle = register_optimizer_step_pre_hook(_adopt_feedback_parameters)
+            _handle = register_optimizer_step_pre_hook(_before_optimizer_step)
     elif weight in _LAYERS:
         del _LAYERS[weight]
     _generation += 1
 
 
-def _feedback_parameters(layer: nn.Module) -> list[nn.Parameter]:
-    return [p for key, p in layer._parameters.items() if key.startswith("feedback_") and p is not None]
+def shared_update_decay(optimizer: torch.optim.Optimizer, group: dict[str, Any], param: torch.Tensor, c: float,
+                        k: float) -> tuple[float, float]:
+    """One step of the difference of two parameters that get the same gradient in ``group``: ``(c, k)`` after it.
+
+    Let ``W`` and ``B`` receive the same gradient at every step, in the same param group, from the same start of
+    the optimizer's state. Then ``B − W = c·(B₀ − W₀)`` at every step, and this function advances ``c`` (and ``k``,
+    the same multiple for the momentum buffers, ``m_B − m_W = k·(B₀ − W₀)``) by one step of ``optimizer``:
+
+    - SGD and BatchManhattan, any momentum μ, dampening, Nesterov and weight decay λ: the gradient of the difference
+      is ``λ·c``; ``k ← λc`` at the first step with momentum (``param`` has no momentum buffer yet), else
+      ``k ← μk + (1 − dampening)·λc``; ``c ← c − η·k`` (Nesterov: ``c ← c − η(λc + μk)``; no momentum:
+      ``c ← c − ηλc``).
+    - AdamW, and Adam, NAdam, RAdam with decoupled weight decay: ``c ← (1 − ηλ)·c`` (the moment estimates of the
+      two parameters are equal, so are their Adam steps).
+    - Adam, NAdam, RAdam, Adamax, RMSprop, Adagrad, Adadelta without weight decay: ``c`` stays (the update is a
+      function of the gradients only).
+
+    Raises:
+        ValueError: for any other optimizer, or coupled weight decay with an adaptive optimizer (whose step is
+            not linear in the parameter), naming what is allowed.
+    """
+    names = {cls.__name__ for cls in type(optimizer).__mro__}
+    lr, decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
+    if names & set(_COUPLED):
+        momentum = float(group.get("momentum", 0.0))
+        grad = decay * c
+        if momentum == 0.0:
+            return c - lr * grad, k
+        first = optimizer.state.get(param, {}).get("momentum_buffer") is None
+        k = grad if first else momentum * k + (1.0 - float(group.get("dampening", 0.0))) * grad
+        step = grad + momentum * k if group.get("nesterov", False) else k
+        return c - lr * step, k
+    if names & set(_GRADIENT_ONLY):
+        if decay == 0.0:
+            return c, k
+        if names & set(_DECOUPLED) and (group.get("decoupled_weight_decay", False) or "AdamW" in names):
+            return c * (1.0 - lr * decay), k
+    what = type(optimizer).__name__ + (f" with coupled weight_decay={decay:g}" if decay else "")
+    raise ValueError(f"Kolen-Pollack needs B's update to equal W's, which {what} does not give; allowed: SGD or "
+                     "BatchManhattan (any momentum, weight decay), AdamW or decoupled weight decay, or no weight "
+                     f"decay with {', '.join(_GRADIENT_ONLY)}")
 
 
-def _adopt_feedback_parameters(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def check_optimizer(optimizer: torch.optim.Optimizer) -> None:
+    """Raise now the error the first step would raise: for every param group holding a learned-feedback layer's
+    ``W``, whether :func:`shared_update_decay` can follow that group's steps (ValueError, one line, if not)."""
+    for index, _ in _plan(optimizer):
+        group = optimizer.param_groups[index]
+        shared_update_decay(optimizer, group, group["params"][0], 1.0, 0.0)
+
+
+def _plan(optimizer: torch.optim.Optimizer) -> list[tuple[int, "weakref.ref[nn.Module]"]]:
+    """(index of the param group, layer) for every tracked layer whose ``weight`` the optimizer holds; cached per
+    optimizer (by index: ``load_state_dict`` replaces the group dicts)."""
     signature = (_generation, sum(len(group["params"]) for group in optimizer.param_groups))
-    if _CHECKED.get(optimizer) == signature:
-        return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for group in optimizer.param_groups:
-        params = group["params"]
-        for p in list(params):
+    cached = _PLAN.get(optimizer)
+    if cached is not None and cached[0] == signature:
+        return cached[1]
+    plan = []
+    for index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
             ref = _LAYERS.get(p)
             layer = None if ref is None else ref()
-            if layer is None or layer.weight is not p or not getattr(layer.rule, "learns_feedback", False):
-                continue
-            missing = [q for q in _feedback_parameters(layer) if id(q) not in held and q.requires_grad]
-            if not missing:
-                continue
-            own = {id(q) for q in layer.parameters(recurse=False)}
-            at = max(i for i, q in enumerate(params) if id(q) in own) + 1
-            params[at:at] = missing
-            held.update(id(q) for q in missing)
-    _CHECKED[optimizer] = (_generation, sum(len(group["params"]) for group in optimizer.param_groups))
+            if layer is not None and layer.weight is p and getattr(layer.rule, "learns_feedback", False):
+                plan.append((index, ref))
+    _PLAN[optimizer] = (signature, plan)
+    return plan
+
+
+def _before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    for index, ref in _plan(optimizer):
+        layer = ref()
+        if layer is not None and layer.weight.grad is not None:  # the optimizer skips a W without gradient
+            layer.rule.before_optimizer_step(layer, optimizer, optimizer.param_groups[index])

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..learned import check_optimizer
 from ..optim import BatchManhattan, manhattan_param_groups
 from ..registry import Registry
 
@@ -74,19 +75,22 @@ DEFAULT_MOMENTUM: dict[str, float] = {name: OPTIMIZERS.entry(name).meta["default
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer the config names, over every trainable parameter of ``model`` (feedback parameters of
-    learned-feedback rules such as ``kp`` included, with the same lr and weight decay as the forward weights).
+    """The optimizer the config names, over every trainable parameter of ``model`` (``kp``'s ``B`` follows the
+    steps it makes of each ``W``: :mod:`bioprop.learned`).
 
     ``momentum`` is used by sgd, rmsprop and bm (unset: ``DEFAULT_MOMENTUM``, 0 for rmsprop); adam/adamw use
     their default betas.
 
     Raises:
-        ValueError: an unknown optimizer, listing the allowed ones.
+        ValueError: an unknown optimizer, listing the allowed ones; or one that a learned-feedback rule (kp)
+            cannot follow (:func:`bioprop.learned.check_optimizer`).
     """
     builder = OPTIMIZERS.get(config.optimizer)
     params = [p for p in model.parameters() if p.requires_grad]
     momentum = DEFAULT_MOMENTUM[OPTIMIZERS.resolve(config.optimizer)] if config.momentum is None else config.momentum
-    return builder(config, model, params, momentum)
+    optimizer = builder(config, model, params, momentum)
+    check_optimizer(optimizer)  # kp refuses, before any training, an optimizer whose B update it cannot follow
+    return optimizer
 
 
 # ------------------------------------------------------------------------------------------------- schedules

@@ -116,13 +116,18 @@ def build_optimisation(config: TrainConfig, model: nn.Module, loss_fn: LossFn | 
     """The config's constraints (built from the model's current weights), optimizer and the task's loss.
 
     Raises:
-        ConfigError: a constraint that cannot apply (e.g. ``constant_norm`` on zero-initialised weights).
+        ConfigError: a constraint that cannot apply (e.g. ``constant_norm`` on zero-initialised weights), or an
+            optimizer that a rule cannot follow (``kp`` with Adam and coupled weight decay).
     """
     try:
         constraints = [create_constraint(name, model) for name in config.constraints]
     except ValueError as err:
         raise ConfigError("constraints", f"constraints: {err}") from None
-    return Optimisation(constraints, build_optimizer(config, model), loss_fn)
+    try:
+        optimizer = build_optimizer(config, model)
+    except ValueError as err:  # e.g. kp with an optimizer whose update of B it cannot follow
+        raise ConfigError("optimizer", str(err)) from None
+    return Optimisation(constraints, optimizer, loss_fn)
 
 
 def wrap_model(model: nn.Module, config: TrainConfig, env: DistEnv, device: torch.device) -> nn.Module:

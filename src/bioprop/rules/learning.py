@@ -7,6 +7,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..functional import AffineFeedback, Feedback
+from ..learned import shared_update_decay
 from ..mirror import mirror_layer
 from .base import LayerRule, register_rule
 from .scales import check_scale, draw_feedback, register_state
@@ -15,18 +17,24 @@ __all__ = ["KolenPollack", "WeightMirror"]
 
 
 @register_rule("kp", aliases=("kolen_pollack",),
-               description="Kolen-Pollack (akrout2019): a learned B that receives W's gradient and weight decay")
+               description="Kolen-Pollack (akrout2019): B receives W's update and weight decay")
 @dataclass
 class KolenPollack(LayerRule):
-    """Kolen-Pollack (akrout2019): a learned ``B`` (parameter ``feedback_weight``) that receives exactly ``W``'s
-    gradient, so any optimizer gives it ``W``'s update and weight decay makes ``W − B`` decay to 0.
+    """Kolen-Pollack (akrout2019): ``B`` receives exactly ``W``'s update, weight decay included, so ``W − B``
+    decays to 0.
 
-    ``B`` is a new parameter. An optimizer built after conversion holds it in ``W``'s param group (same lr and
-    weight decay); one built before conversion gets it added to ``W``'s group at its next step
-    (:mod:`bioprop.learned`), which gives the same run.
+    Since ``B`` and ``W`` get the same gradient and the same optimizer settings, their difference after any number
+    of steps is a multiple of the first one: ``B_t = W_t + c_t·(B₀ − W₀)``, where the scalar ``c_t`` (1 at first)
+    moves only through the weight decay (:func:`bioprop.learned.shared_update_decay`: exact for SGD and Batch
+    Manhattan with any momentum and weight decay, for AdamW, and for the adaptive optimizers without weight decay;
+    any other optimizer is refused at its first step). So the layer keeps ``B₀ − W₀`` (buffer
+    ``feedback_offset``) and ``c_t`` with its momentum multiple (buffer ``feedback_offset_state``, ``[c, k]``);
+    the op builds ``B`` in the backward from the current ``W``, and no gradient, optimizer state or update of
+    ``B`` exists. The optimizer may be built before or after conversion: before each of its steps,
+    :meth:`before_optimizer_step` advances ``c`` with that step's lr, momentum and weight decay.
 
     Args:
-        scale: scale convention of the initial random ``B``.
+        scale: scale convention of the initial random ``B₀``.
     """
 
     scale: str | float = "xiao2018"
@@ -36,11 +44,36 @@ class KolenPollack(LayerRule):
         check_scale(self.scale)
 
     def init_state(self, layer: nn.Module, generator: torch.Generator) -> None:
-        b0 = draw_feedback(layer.weight.detach(), self.scale, generator)
-        layer.register_parameter("feedback_weight", nn.Parameter(b0.to(layer.weight.device)))
+        weight = layer.weight.detach()
+        b0 = draw_feedback(weight, self.scale, generator).to(weight.device)
+        register_state(layer, "feedback_offset", b0.sub_(weight))
+        register_state(layer, "feedback_offset_state", torch.tensor([1.0, 0.0], dtype=torch.float64))
+        layer.__dict__["_kp_offset_state"] = (1.0, 0.0)
+
+    def before_save(self, layer: nn.Module) -> None:
+        c, k = self._state(layer)
+        if not layer.feedback_offset_state.is_meta:
+            layer.feedback_offset_state.copy_(torch.tensor([c, k], dtype=torch.float64))
+
+    def after_load(self, layer: nn.Module) -> None:
+        state = layer.feedback_offset_state
+        if not state.is_meta:
+            layer.__dict__["_kp_offset_state"] = tuple(float(v) for v in state.tolist())
+
+    @staticmethod
+    def _state(layer: nn.Module) -> tuple[float, float]:
+        return layer.__dict__.get("_kp_offset_state", (1.0, 0.0))
+
+    def before_optimizer_step(self, layer: nn.Module, optimizer: torch.optim.Optimizer, group: dict) -> None:
+        """Advance ``c`` (and ``k``) by the step ``optimizer`` is about to take in ``group``."""
+        c, k = self._state(layer)
+        layer.__dict__["_kp_offset_state"] = shared_update_decay(optimizer, group, layer.weight, c, k)
+
+    def feedback(self, layer: nn.Module) -> Feedback | None:
+        return AffineFeedback(layer.feedback_offset, 1.0, self._state(layer)[0])
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
-        return layer.feedback_weight
+        return self.feedback(layer).build(layer.weight)  # type: ignore[union-attr]
 
 
 @register_rule("wm", aliases=("weight_mirror",),

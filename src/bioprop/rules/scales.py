@@ -55,16 +55,33 @@ def feedback_scale(weight: Tensor, scale: str | float) -> float:
     Args:
         weight: the forward weight, ``(out, in)`` or ``(C_out, C_in/groups, *kernel)``.
         scale: ``"xiao2018"``, ``"biotorch"``, ``"unit"`` or a positive float.
+
+    The value depends on the shape only and is memoised per (shape, scale): usf asks for it in every forward.
     """
+    key = (tuple(weight.shape), scale, type(scale))  # the type: True == 1, but True is not a valid scale
+    value = _SCALES.get(key)
+    if value is None:
+        value = _SCALES[key] = _shape_scale(key[0], scale)
+    return value
+
+
+_SCALES: dict[tuple, float] = {}
+
+
+def _shape_scale(shape: tuple[int, ...], scale: str | float) -> float:
     check_scale(scale)
     if not isinstance(scale, str):
         return float(scale)
     if scale == "unit":
         return 1.0
-    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(weight)  # fan_in = (C_in/groups)·prod(kernel)
+    # torch.nn.init's fans: fan_in = (C_in/groups)·prod(kernel), fan_out = C_out·prod(kernel)
+    if len(shape) < 2:
+        raise ValueError(f"a feedback scale needs a weight of at least 2 dimensions, got shape {shape}")
+    receptive = math.prod(shape[2:])
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
     if scale == "biotorch":
         return math.sqrt(2.0 / (fan_in + fan_out))
-    if weight.dim() > 2:  # conv: sqrt(2 / (k_h·k_w·C_out)); fan_out = C_out·prod(kernel)
+    if len(shape) > 2:  # conv: sqrt(2 / (k_h·k_w·C_out)); fan_out = C_out·prod(kernel)
         return math.sqrt(2.0 / fan_out)
     return 1.0 / math.sqrt(fan_in)
 
