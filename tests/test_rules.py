@@ -334,3 +334,25 @@ def test_brsf_levels_use_every_byte_of_each_random_word() -> None:
     assert torch.all((high - 0.5).abs() < tol), high
     again = draw_magnitude_8bit(w, "unit", torch.Generator().manual_seed(3), torch.empty_like(w))
     assert torch.equal(out, again)
+
+
+def test_feedback_weight_defaults_to_the_recipe_a_rule_gives() -> None:
+    """A rule that defines only ``feedback`` (a recipe) gets ``feedback_weight`` = that recipe built from W (NumPy
+    reference); one that defines neither is refused by name."""
+    from bioprop.functional import AffineFeedback
+
+    class OnlyRecipe(LayerRule):
+        name = "only_recipe"
+
+        def feedback(self, layer: nn.Module) -> AffineFeedback:
+            return AffineFeedback(torch.ones_like(layer.weight), 0.5, -2.0)
+
+    layer = nn.Linear(3, 2).double()
+    b = OnlyRecipe().feedback_weight(layer)
+    np.testing.assert_allclose(b.numpy(), 0.5 * layer.weight.detach().numpy() - 2.0, rtol=1e-15)
+
+    class Neither(LayerRule):
+        name = "neither"
+
+    with pytest.raises(NotImplementedError, match="rule 'neither' defines neither feedback_weight nor feedback"):
+        Neither().feedback_weight(layer)

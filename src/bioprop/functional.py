@@ -20,14 +20,14 @@ from the forward to the backward and the scale costs the smaller of the two pass
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["feedback_linear", "feedback_conv", "FeedbackLinearFunction", "FeedbackConvFunction", "SignFeedback",
-           "AffineFeedback", "Feedback", "PositionalFunction"]
+           "AffineFeedback", "Feedback", "built_feedback", "PositionalFunction"]
 
 
 class PositionalFunction(torch.autograd.Function):
@@ -47,33 +47,52 @@ class PositionalFunction(torch.autograd.Function):
         return super(torch.autograd.Function, cls).apply(*args)  # the C++ apply: no signature binding
 
 
+class _Recipe:
+    """A ``B`` that the op builds from W in the backward: ``op_args`` is all the op needs to know of it."""
+
+    #: how the op builds B (see :func:`_build`), and the name of the recipe's W-shaped tensor
+    mode: ClassVar[str] = ""
+    operand_name: ClassVar[str] = ""
+
+    def op_args(self) -> tuple[Tensor | None, float | Tensor, float | Tensor, float | Tensor]:
+        """``(operand, alpha, beta, scale)`` for :func:`_build` and the op (``scale`` multiplies ``δx``)."""
+        raise NotImplementedError
+
+    def build(self, weight: Tensor) -> Tensor:
+        """``B`` for ``weight`` as a new tensor, shape of ``weight``: what the op sends ``δx`` through."""
+        operand, alpha, beta, scale = self.op_args()
+        with torch.no_grad():
+            feedback = _build(self.mode, weight.detach(), operand, alpha, beta, weight.dtype)
+            if not _is_one(scale):
+                feedback.mul_(scale)
+        return feedback
+
+
 @dataclass(frozen=True)
-class SignFeedback:
+class SignFeedback(_Recipe):
     """A feedback weight built from W: ``B = scale · magnitude ∘ sign(W)``, with the signs of the W the op saves.
 
     Attributes:
         magnitude: a tensor of W's shape (entries may be negative: partial concordance), or None for 1.
-        scale: a float or a 0-dim tensor; the op multiplies ``δx`` by it instead of putting it into B.
+        scale: a float or a 0-dim tensor; the op multiplies ``δx`` (or the built B, if smaller) by it.
     """
 
     magnitude: Tensor | None = None
     scale: float | Tensor = 1.0
 
-    def build(self, weight: Tensor) -> Tensor:
-        """``B`` for ``weight`` as a new tensor, shape of ``weight``: what the op sends ``δx`` through."""
-        with torch.no_grad():
-            feedback = _build("sign", weight.detach(), self.magnitude, 1.0, 1.0, weight.dtype)
-            if not _is_one(self.scale):
-                feedback.mul_(self.scale)
-        return feedback
+    mode: ClassVar[str] = "sign"
+    operand_name: ClassVar[str] = "magnitude"
+
+    def op_args(self) -> tuple[Tensor | None, float | Tensor, float | Tensor, float | Tensor]:
+        return self.magnitude, 1.0, 1.0, self.scale
 
 
 @dataclass(frozen=True)
-class AffineFeedback:
+class AffineFeedback(_Recipe):
     """A feedback weight built from W: ``B = alpha · W + beta · offset``, with the W the op saves.
 
     Attributes:
-        offset: a tensor of W's shape (e.g. a noise draw, or a direction).
+        offset: a tensor of W's shape (e.g. a noise draw, a direction, Kolen-Pollack's ``B₀ − W₀``).
         alpha, beta: floats or 0-dim tensors.
     """
 
@@ -81,14 +100,21 @@ class AffineFeedback:
     alpha: float | Tensor = 1.0
     beta: float | Tensor = 1.0
 
-    def build(self, weight: Tensor) -> Tensor:
-        """``B`` for ``weight`` as a new tensor, shape of ``weight``."""
-        with torch.no_grad():
-            return _build("affine", weight.detach(), self.offset, self.alpha, self.beta, weight.dtype)
+    mode: ClassVar[str] = "affine"
+    operand_name: ClassVar[str] = "offset"
+
+    def op_args(self) -> tuple[Tensor | None, float | Tensor, float | Tensor, float | Tensor]:
+        return self.offset, self.alpha, self.beta, 1.0
 
 
 #: what a feedback op takes as B: the matrix itself, or a recipe that builds it from W in the backward
 Feedback = Tensor | SignFeedback | AffineFeedback
+
+
+def built_feedback(feedback: Feedback | None, weight: Tensor) -> Tensor | None:
+    """The matrix a feedback op's ``feedback_weight`` argument stands for: the tensor itself, or the recipe's B
+    built from ``weight`` (None stays None)."""
+    return feedback.build(weight) if isinstance(feedback, _Recipe) else feedback
 
 
 def _is_one(scale: float | Tensor) -> bool:
@@ -287,13 +313,11 @@ def feedback_conv(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weigh
 
 def _check_shape(weight: Tensor, feedback: Feedback) -> None:
     if isinstance(feedback, Tensor):
-        shape, what = feedback.shape, "feedback_weight"
-    elif isinstance(feedback, SignFeedback):
-        shape, what = (None if feedback.magnitude is None else feedback.magnitude.shape), "SignFeedback.magnitude"
+        tensor, what = feedback, "feedback_weight"
     else:
-        shape, what = feedback.offset.shape, "AffineFeedback.offset"
-    if shape is not None and shape != weight.shape:
-        raise ValueError(f"{what} must have the weight's shape {tuple(weight.shape)}, got {tuple(shape)}")
+        tensor, what = feedback.op_args()[0], f"{type(feedback).__name__}.{feedback.operand_name}"
+    if tensor is not None and tensor.shape != weight.shape:
+        raise ValueError(f"{what} must have the weight's shape {tuple(weight.shape)}, got {tuple(tensor.shape)}")
 
 
 def _feedback_args(feedback: Feedback, weight_in: Tensor, weight: Tensor) -> tuple[Any, ...]:
@@ -303,9 +327,7 @@ def _feedback_args(feedback: Feedback, weight_in: Tensor, weight: Tensor) -> tup
         return feedback, "", None, 1.0, 1.0, 1.0, None
     # Under autocast W was cast: B is built from the uncast W (detached: it is not an input of dx).
     source = None if weight is weight_in else weight_in.detach()
-    if isinstance(feedback, SignFeedback):
-        return None, "sign", feedback.magnitude, 1.0, 1.0, feedback.scale, source
-    return None, "affine", feedback.offset, feedback.alpha, feedback.beta, 1.0, source
+    return (None, feedback.mode, *feedback.op_args(), source)
 
 
 def _autocast_operands(x: Tensor, weight: Tensor, bias: Tensor | None, feedback_weight: Feedback

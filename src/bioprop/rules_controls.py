@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .functional import AffineFeedback, Feedback
 from .rules import LayerRule, RedrawnPerUpdate, register_rule, register_state
@@ -83,10 +83,6 @@ class BackpropNoise(RedrawnPerUpdate):
         else:  # a zero (or constant) W has no spread to scale the noise by
             noise.zero_()
 
-    def feedback_weight(self, layer: nn.Module) -> Tensor | None:
-        feedback = self.feedback(layer)
-        return feedback if isinstance(feedback, Tensor) else feedback.build(layer.weight)
-
     def feedback(self, layer: nn.Module) -> Feedback | None:
         if self.noise == 0:
             return layer.weight.detach()  # sham: the same tensor
@@ -129,10 +125,6 @@ class BackpropAlignment(LayerRule):
         direction = torch.randn(weight.shape, generator=generator, dtype=torch.float64, device=generator.device)
         direction /= direction.norm().clamp_min(1e-300)
         register_state(layer, "feedback_direction", direction.to(weight.dtype))
-
-    def feedback_weight(self, layer: nn.Module) -> Tensor | None:
-        feedback = self.feedback(layer)
-        return feedback if isinstance(feedback, Tensor) else feedback.build(layer.weight)
 
     def feedback(self, layer: nn.Module) -> Feedback | None:
         weight = layer.weight.detach()

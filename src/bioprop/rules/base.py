@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Iterator, Mapping, TypeVar
 import torch
 from torch import Tensor, nn
 
-from ..functional import Feedback
+from ..functional import Feedback, built_feedback
 from ..registry import Registry
 
 __all__ = ["Rule", "LayerRule", "DirectRule", "RULES", "register_rule", "list_rules", "create_rule", "rule_options",
@@ -118,8 +118,13 @@ class LayerRule(Rule):
         ``layer.weight`` (which has a gradient)."""
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
-        """The ``B`` for this layer now, or None for the exact native op. Must not change any state."""
-        raise NotImplementedError
+        """The ``B`` for this layer now, or None for the exact native op. Must not change any state.
+
+        By default, what :meth:`feedback` stands for, built from the current W: a rule whose ``feedback`` gives a
+        recipe defines only that."""
+        if type(self).feedback is LayerRule.feedback:
+            raise NotImplementedError(f"rule {self.name!r} defines neither feedback_weight nor feedback")
+        return built_feedback(self.feedback(layer), layer.weight)
 
     def feedback(self, layer: nn.Module) -> Feedback | None:
         """What the feedback op receives for this forward pass: ``B`` itself (the default,

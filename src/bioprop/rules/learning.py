@@ -72,9 +72,6 @@ class KolenPollack(LayerRule):
     def feedback(self, layer: nn.Module) -> Feedback | None:
         return AffineFeedback(layer.feedback_offset, 1.0, self._state(layer)[0])
 
-    def feedback_weight(self, layer: nn.Module) -> Tensor | None:
-        return self.feedback(layer).build(layer.weight)  # type: ignore[union-attr]
-
 
 @register_rule("wm", aliases=("weight_mirror",),
                description="weight mirrors (akrout2019): B learned from noise after every optimizer step")
