@@ -36,6 +36,8 @@ def run(tmp_path: Path, *argv: str, out: str | Path | None = None) -> int:
     (["--seed", "-1"], "bioprop: error: --seed: seed must be an integer in 0 .. 2**64-1"),
     (["--seed", str(2**64)], "bioprop: error: --seed: seed must be an integer in 0 .. 2**64-1"),
     (["--set", "model_args.depht=2"], "bioprop: error: --set model_args.depht=2: model_args of 'mlp'"),
+    (["--rule", "kp", "--set", "constraints=fixed_sign"],
+     "bioprop: error: --set constraints=fixed_sign: constraints: rule 'kp' keeps B tied to W's optimizer steps"),
     (["--rule", "kp", "--optimizer", "adam", "--set", "weight_decay=0.001"],
      "bioprop: error: --optimizer: Kolen-Pollack needs B's update to equal W's, which Adam with coupled "
      "weight_decay=0.001 does not give; allowed: SGD"),

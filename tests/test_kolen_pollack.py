@@ -133,7 +133,7 @@ def test_kp_resumes_from_a_copy_exactly(how: str) -> None:
         assert torch.equal(p, q), name
     for k, b in bioprop.feedback_weights(model).items():
         assert torch.equal(b, bioprop.feedback_weights(other)[k])
-    assert model[0].feedback_offset_state[0] < 1.0  # the weight decay has shrunk W − B
+    assert model[0].feedback_offset_state.view(torch.float64)[0] < 1.0  # the weight decay has shrunk W − B
 
 
 def test_kp_skips_a_step_that_leaves_w_alone() -> None:
@@ -163,3 +163,94 @@ def test_kp_refuses_an_optimizer_whose_update_of_b_would_differ(make: Any, what:
         opt.step(lambda: torch.zeros(()))
     message = str(info.value)
     assert what in message and "allowed: SGD or BatchManhattan" in message and "\n" not in message
+
+
+def c_of(layer: nn.Module) -> float:
+    return float(layer.feedback_offset_state.view(torch.float64)[0])
+
+
+def test_kp_follows_steps_made_with_a_closure() -> None:
+    """``optimizer.step(closure)`` (Lightning's way): the closure's backward runs inside the step and must use the
+    B of that step; W and B equal the literal rule's after six steps."""
+    make = OPTIMIZERS["sgd_momentum_wd"]
+    model = bioprop.convert(net(), "kp", seed=3)
+    literal = LiteralKP(model)
+    for m, opt in ((model, make(model.parameters())), (literal, make(literal.ordered()))):
+        for i in range(STEPS):
+            x, y = batch(i)
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(m(x), y)
+                loss.backward()
+                return loss
+            opt.step(closure)
+    got = bioprop.feedback_weights(model)
+    for j, i in enumerate((0, 3, 5)):
+        torch.testing.assert_close(model[i].weight.detach(), literal.w[j].detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got[str(i)], literal.b[j].detach(), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kp_ignores_a_step_that_grad_scaler_skips(fused: bool) -> None:
+    """An inf gradient at step 2: GradScaler skips that update (a fused optimizer still runs its step and skips
+    inside it), and B follows exactly the steps the literal rule takes."""
+    make = lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.1, fused=fused)  # noqa: E731
+    model = bioprop.convert(net(), "kp", seed=3)
+    literal = LiteralKP(model)
+    for m, opt in ((model, make(model.parameters())), (literal, make(literal.ordered()))):
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        for i in range(5):
+            x, y = batch(i)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(m(x), y) * (float("inf") if i == 2 else 1.0)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    got = bioprop.feedback_weights(model)
+    for j, i in enumerate((0, 3, 5)):
+        torch.testing.assert_close(model[i].weight.detach(), literal.w[j].detach(), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(got[str(i)], literal.b[j].detach(), rtol=1e-9, atol=1e-12)
+
+
+def test_kp_state_survives_a_partial_load_and_dtype_round_trips() -> None:
+    """A ``load_state_dict`` without the kp state leaves c as it is; ``.to(bfloat16)`` and back keep c's bits."""
+    model = bioprop.convert(net(), "kp", seed=1)
+    train(model, OPTIMIZERS["sgd_momentum_wd"](model.parameters()), steps=4)
+    c = c_of(model[0])
+    assert c < 1.0
+    model.load_state_dict({}, strict=False)
+    assert c_of(model[0]) == c
+    model.to(torch.bfloat16).to(torch.float64)
+    assert c_of(model[0]) == c
+
+
+def test_kp_compiles_once_whatever_c_is() -> None:
+    """c reaches the op as a tensor: torch.compile does not recompile as the weight decay changes it."""
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    model = bioprop.convert(net(), "kp", seed=1)
+    opt = OPTIMIZERS["sgd_momentum_wd"](model.parameters())
+    forward = torch.compile(model, backend=counter)
+    frames = []
+    for i in range(4):
+        x, y = batch(i)
+        opt.zero_grad()
+        nn.functional.cross_entropy(forward(x), y).backward()
+        opt.step()
+        frames.append(counter.frame_count)
+    assert c_of(model[0]) < 1.0 and frames[0] > 0 and frames[-1] == frames[1], frames
+
+
+def test_kp_layers_that_share_w_each_follow_its_steps() -> None:
+    """Two layers tied to one W: each keeps its own B₀ − W₀, and both follow the optimizer's steps of W."""
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4)).double()
+    tied[2].weight = tied[0].weight
+    model = bioprop.convert(tied, "kp", seed=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.2)
+    for i in range(3):
+        opt.zero_grad()
+        model(torch.randn(5, 4, dtype=torch.float64, requires_grad=True)).pow(2).sum().backward()
+        opt.step()
+    assert c_of(model[0]) == c_of(model[2]) == pytest.approx((1 - 0.1 * 0.2) ** 3, rel=1e-12)

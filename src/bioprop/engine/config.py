@@ -260,9 +260,13 @@ def check_values(config: TrainConfig) -> None:
     except ValueError as err:
         raise ConfigError("rule", str(err)) from None
     try:
-        create_rule(config.rule, **rule_options_of(config))
+        rule = create_rule(config.rule, **rule_options_of(config))
     except (TypeError, ValueError) as err:
         raise ConfigError("rule_options", f"rule_options: {err}") from None
+    if config.constraints and getattr(rule, "learns_feedback", False):
+        raise ConfigError("constraints", f"constraints: rule {config.rule!r} keeps B tied to W's optimizer steps, "
+                                         "and a constraint changes W outside the optimizer (B would move with it); "
+                                         "allowed: no constraints with this rule")
     if config.last_layer:
         try:
             config.last_layer = resolve_rule_name(config.last_layer)

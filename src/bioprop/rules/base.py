@@ -7,7 +7,7 @@ what it is, so that no other module ever compares a rule's name:
 - ``native``: it runs the plain native op, with no custom autograd at all (``backprop``: conversion gives the
   native layer types back);
 - ``learns_feedback`` (layer rules): ``B`` changes with every optimizer step of ``W`` (Kolen-Pollack), through
-  :meth:`LayerRule.before_optimizer_step`;
+  :meth:`LayerRule.after_optimizer_step`; ``W`` must then change only through the optimizer;
 - ``indirect`` (direct rules): the error reaches the blocks above the first one through the forward weights.
 
 Its hooks are the whole life cycle, called by bioprop at fixed points:
@@ -22,13 +22,13 @@ Its hooks are the whole life cycle, called by bioprop at fixed points:
 ``before_save`` / ``after_load``  layer rules: state that only this process knows, around copies and loads
 ``prepare(model, batch)``     once before training (direct rules draw their ``D`` matrices here)
 ``after_step(module, step)``  after every ``optimizer.step()`` (weight mirrors learn ``B`` here)
-``before_optimizer_step``     layer rules with ``learns_feedback``: just before each step of an optimizer that
-                              holds the layer's ``W`` (Kolen-Pollack follows that step here)
+``after_optimizer_step``      layer rules with ``learns_feedback``: after each step of an optimizer that holds
+                              the layer's ``W`` (Kolen-Pollack follows that step here)
 ============================  ===========================================================================
 
 :func:`bioprop.after_step` and :func:`bioprop.prepare` (:mod:`bioprop.rules.lifecycle`) call the last two for
 every rule a model holds; a training loop needs nothing else (:mod:`bioprop.learned` calls
-``before_optimizer_step`` from a global optimizer hook).
+``after_optimizer_step`` from global optimizer hooks).
 """
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ class LayerRule(Rule):
     """A rule that gives each linear/conv layer its own feedback weight ``B`` (shape of ``W``)."""
 
     kind: ClassVar[str] = "layer"
-    #: True when ``B`` changes with every optimizer step of ``W`` (:meth:`before_optimizer_step` is then called)
+    #: True when ``B`` changes with every optimizer step of ``W`` (:meth:`after_optimizer_step` is then called)
     learns_feedback: ClassVar[bool] = False
 
     def apply(self, model: nn.Module, *, seed: int, exclude: tuple, last_layer: str | None) -> nn.Module:
@@ -113,9 +113,11 @@ class LayerRule(Rule):
         """Called before the rule's state leaves this process's view (``state_dict``, deep copy, pickling,
         ``.to()``): write what only this process knows (e.g. version counters) into the saved buffers."""
 
-    def before_optimizer_step(self, layer: nn.Module, optimizer: torch.optim.Optimizer, group: dict) -> None:
-        """Rules with ``learns_feedback``: just before ``optimizer`` steps the param group ``group`` that holds
-        ``layer.weight`` (which has a gradient)."""
+    def after_optimizer_step(self, layer: nn.Module, optimizer: torch.optim.Optimizer, group: dict,
+                             first: bool) -> None:
+        """Rules with ``learns_feedback``: right after ``optimizer`` stepped the param group ``group`` that holds
+        ``layer.weight`` (which had a gradient); ``first``: the optimizer held no momentum buffer for ``W`` before
+        this step (see :func:`bioprop.learned.shared_update_decay`)."""
 
     def feedback_weight(self, layer: nn.Module) -> Tensor | None:
         """The ``B`` for this layer now, or None for the exact native op. Must not change any state.

@@ -28,10 +28,14 @@ class KolenPollack(LayerRule):
     moves only through the weight decay (:func:`bioprop.learned.shared_update_decay`: exact for SGD and Batch
     Manhattan with any momentum and weight decay, for AdamW, and for the adaptive optimizers without weight decay;
     any other optimizer is refused at its first step). So the layer keeps ``B₀ − W₀`` (buffer
-    ``feedback_offset``) and ``c_t`` with its momentum multiple (buffer ``feedback_offset_state``, ``[c, k]``);
-    the op builds ``B`` in the backward from the current ``W``, and no gradient, optimizer state or update of
-    ``B`` exists. The optimizer may be built before or after conversion: before each of its steps,
-    :meth:`before_optimizer_step` advances ``c`` with that step's lr, momentum and weight decay.
+    ``feedback_offset``) and ``c_t`` with its momentum multiple (buffer ``feedback_offset_state``: ``[c, k]``,
+    float64 values kept as int64 bits); the op builds ``B`` in the backward from the current ``W``, and no
+    gradient, optimizer state or update of ``B`` exists. The optimizer may be built before or after conversion:
+    after each of its steps, :meth:`after_optimizer_step` advances ``c`` with that step's lr, momentum and decay.
+
+    ``B`` is tied to ``W``: a change of ``W`` outside the optimizer (a weight constraint, re-initialising or
+    loading ``W`` alone) moves ``B`` with it. Call :func:`bioprop.reset_feedback` after changing ``W`` by hand (it
+    draws ``B₀`` anew against the current ``W``); ``bioprop train`` refuses weight constraints with this rule.
 
     Args:
         scale: scale convention of the initial random ``B₀``.
@@ -47,30 +51,32 @@ class KolenPollack(LayerRule):
         weight = layer.weight.detach()
         b0 = draw_feedback(weight, self.scale, generator).to(weight.device)
         register_state(layer, "feedback_offset", b0.sub_(weight))
-        register_state(layer, "feedback_offset_state", torch.tensor([1.0, 0.0], dtype=torch.float64))
+        register_state(layer, "feedback_offset_state", _as_bits(1.0, 0.0))
         layer.__dict__["_kp_offset_state"] = (1.0, 0.0)
-
-    def before_save(self, layer: nn.Module) -> None:
-        c, k = self._state(layer)
-        if not layer.feedback_offset_state.is_meta:
-            layer.feedback_offset_state.copy_(torch.tensor([c, k], dtype=torch.float64))
 
     def after_load(self, layer: nn.Module) -> None:
         state = layer.feedback_offset_state
         if not state.is_meta:
-            layer.__dict__["_kp_offset_state"] = tuple(float(v) for v in state.tolist())
+            c, k = state.detach().cpu().view(torch.float64).tolist()
+            layer.__dict__["_kp_offset_state"] = (c, k)
 
-    @staticmethod
-    def _state(layer: nn.Module) -> tuple[float, float]:
-        return layer.__dict__.get("_kp_offset_state", (1.0, 0.0))
-
-    def before_optimizer_step(self, layer: nn.Module, optimizer: torch.optim.Optimizer, group: dict) -> None:
-        """Advance ``c`` (and ``k``) by the step ``optimizer`` is about to take in ``group``."""
-        c, k = self._state(layer)
-        layer.__dict__["_kp_offset_state"] = shared_update_decay(optimizer, group, layer.weight, c, k)
+    def after_optimizer_step(self, layer: nn.Module, optimizer: torch.optim.Optimizer, group: dict,
+                             first: bool) -> None:
+        """Advance ``c`` (and ``k``) by the step ``optimizer`` has just taken in ``group``."""
+        c, k = shared_update_decay(optimizer, group, *layer.__dict__.get("_kp_offset_state", (1.0, 0.0)), first)
+        layer.__dict__["_kp_offset_state"] = (c, k)
+        layer.feedback_offset_state.copy_(_as_bits(c, k))  # saved state and the op's c stay in step with it
 
     def feedback(self, layer: nn.Module) -> Feedback | None:
-        return AffineFeedback(layer.feedback_offset, 1.0, self._state(layer)[0])
+        # c as a 0-dim view of the state buffer, not a Python float: torch.compile then reads it as a tensor
+        # instead of recompiling for every new value
+        return AffineFeedback(layer.feedback_offset, 1.0, layer.feedback_offset_state.view(torch.float64)[0])
+
+
+def _as_bits(c: float, k: float) -> Tensor:
+    """``[c, k]`` as float64 values stored in an int64 tensor: ``.half()``, ``.to(bfloat16)`` and friends cast
+    floating-point buffers, which would round ``c``; integer buffers keep their bits (and every device has int64)."""
+    return torch.tensor([c, k], dtype=torch.float64).view(torch.int64)
 
 
 @register_rule("wm", aliases=("weight_mirror",),
