@@ -18,7 +18,8 @@ from bioprop.data.mnist import FashionMnistSource, MnistSource
 from bioprop.data.svhn import SvhnSource
 from bioprop.engine import read_records
 from bioprop.experiments import (Claim, ExperimentError, build_table, collect, list_experiments, load_experiment,
-                                 make_plan, mean_std, print_commands, reproduce, run_config, verdict)
+                                 make_plan, mean_std, print_commands, reproduce, run_config, table_plan,
+                                 verdict)
 from detection_data import write_tiny_coco
 from test_data import tiny_mnist, write_cifar10, write_cifar100, write_idx, write_image_folder, write_svhn
 
@@ -287,7 +288,8 @@ def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert 'rule="fa"' in listing and "steps/seed ?" in listing  # digits has no tabulated size
     assert main(argv + ["--only", "digits/*", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "3 done" not in out and "2 done, 1 method not implemented" in out
+    assert "3 done" not in out and "2 done" in out and "1 method not implemented" in out
+    assert "1 not run" in out  # wide/fa: outside --only, still in the table
     report = tmp_path / "out" / "smoke" / "report" / "digits" / "report.html"
     assert report.is_file() and "report/digits/report.html" in (tmp_path / "out" / "smoke" / "results.md").read_text()
     assert main(argv + ["--dry-run"]) == 0
@@ -386,15 +388,34 @@ def test_seeds_aggregate_and_the_gap_is_ours_minus_published(tmp_path: Path) -> 
     path = tiny_file(tmp_path)
     table = reproduce(path, "smoke", seeds=3, only="digits/bp", output_dir=tmp_path, report=False, verbose=False,
                       log=quiet)
-    (cell,) = table["cells"]
+    (cell,) = [c for c in table["cells"] if c["id"] == "digits/bp"]
     errors = [json.loads((tmp_path / "smoke" / r["run_dir"] / "final.json").read_text())["final_test_error"]
               for r in cell["runs"]]
     assert [r["seed"] for r in cell["runs"]] == [0, 1, 2] and len(set(errors)) > 1  # seeds differ
     assert cell["mean"] == pytest.approx(np.mean(errors)) and cell["std"] == pytest.approx(np.std(errors, ddof=1))
     assert cell["gap"] == pytest.approx(np.mean(errors) - 5.0) and cell["seeds_done"] == 3
-    assert build_table(make_plan(load_experiment(path), "smoke", 3, "digits/bp", tmp_path)) == table
+    assert build_table(table_plan(make_plan(load_experiment(path), "smoke", 3, "digits/bp", tmp_path))) == table
     claims = {c["id"]: c for c in table["claims"]}
     assert claims["fa_behind"]["verdict"] == "not testable here"
+
+
+def test_running_part_of_a_table_keeps_the_rest_of_it(tmp_path: Path) -> None:
+    """``--only`` chooses what trains, not what the table shows: after three seeds of one cell and one seed of
+    another, each in its own call, results.md holds both cells with their own seeds, and the cells never run."""
+    path = tiny_file(tmp_path)
+    reproduce(path, "smoke", seeds=3, only="digits/bp", output_dir=tmp_path, report=False, verbose=False, log=quiet)
+    table = reproduce(path, "smoke", seeds=1, only="digits/fa", output_dir=tmp_path, report=False, verbose=False,
+                      log=quiet)
+    cells = {c["id"]: c for c in table["cells"]}
+    assert set(cells) == set(load_experiment(path).cell_ids())
+    assert cells["digits/bp"]["seeds"] == [0, 1, 2] and cells["digits/bp"]["seeds_done"] == 3
+    errors = [json.loads((tmp_path / "smoke" / "digits" / "bp" / f"s{i}" / "final.json").read_text())
+              ["final_test_error"] for i in range(3)]
+    assert cells["digits/bp"]["mean"] == pytest.approx(np.mean(errors))
+    assert cells["digits/fa"]["seeds"] == [0] and cells["digits/fa"]["status"] == "done"
+    assert cells["wide/fa"]["status"] == "not run" and table["seeds"] == [0, 1, 2]
+    markdown = (tmp_path / "smoke" / "results.md").read_text()
+    assert "| Digits MLP | BP |" in markdown and "| 3/3 |" in markdown and "| Digits MLP | FA |" in markdown
 
 
 def test_print_commands_resume_an_interrupted_run(tmp_path: Path) -> None:

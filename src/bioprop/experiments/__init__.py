@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .results import CELL_STATUSES, build_table, mean_std, render_markdown, verdict, write_reports, write_results
-from .runner import Plan, execute, make_plan, print_commands, run_config, run_dir, run_state, steps_per_cell
+from .runner import Plan, execute, make_plan, print_commands, run_config, run_dir, run_state, steps_per_cell, \
+    table_plan
 from .spec import (SCALES, Cell, Claim, Experiment, ExperimentError, list_experiments, load_experiment, merge,
                    resolve_config)
 
 __all__ = ["list_experiments", "load_experiment", "reproduce", "collect", "make_plan", "execute", "build_table",
-           "print_commands", "verdict", "mean_std", "render_markdown", "write_results", "write_reports", "run_dir",
+           "print_commands", "table_plan", "verdict", "mean_std", "render_markdown", "write_results", "write_reports", "run_dir",
            "run_config", "run_state", "steps_per_cell", "Plan", "Experiment", "Cell", "Claim", "ExperimentError",
            "SCALES", "CELL_STATUSES", "merge", "resolve_config"]
 
@@ -34,10 +35,13 @@ def collect(name: str | Path, scale: str = "quick", seeds: int = 1, only: str | 
     """Build the table from the run directories that exist (nothing is trained) and write ``results.md``,
     ``results.json`` and, with ``report``, one analysis report per column, into ``<output-dir>/<scale>``.
 
+    The table holds every cell of the experiment: ``only`` and ``seeds`` choose the seeds of the cells they
+    select; every other cell shows the seeds it has on disk (:func:`~bioprop.experiments.runner.table_plan`).
+
     Returns:
         The table (what ``results.json`` holds).
     """
-    plan = plan or make_plan(load_experiment(name), scale, seeds, only, output_dir, data_root)
+    plan = table_plan(plan or make_plan(load_experiment(name), scale, seeds, only, output_dir, data_root))
     from ..engine.distributed import detect
     table = build_table(plan)
     if detect().is_main:  # under torchrun only rank 0 writes

@@ -64,12 +64,12 @@ def build_table(plan: Plan) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "id": cell.id, "column": cell.column, "row": cell.row, "column_label": cell.column_label,
             "row_label": cell.row_label, "published": cell.published, "published_source": cell.source,
-            "published_status": cell.status, "note": cell.note, "seeds": list(plan.seeds),
+            "published_status": cell.status, "note": cell.note, "seeds": list(plan.seeds_of(cell)),
         }
         missing_data = "" if cell.missing else data_missing(cell, plan.data_root)
         runs = [] if cell.missing or missing_data else [
             dict(seed=seed, run_dir=str(run_dir(plan, cell, seed).relative_to(plan.scale_dir)),
-                 **_seed_result(run_dir(plan, cell, seed), exp.metric)) for seed in plan.seeds]
+                 **_seed_result(run_dir(plan, cell, seed), exp.metric)) for seed in plan.seeds_of(cell)]
         errors = [r["test_error"] for r in runs if r["state"] == "done" and r.get("test_error") is not None]
         mean, std = mean_std(errors)
         states = [r["state"] for r in runs]
@@ -98,7 +98,8 @@ def build_table(plan: Plan) -> dict[str, Any]:
     claims = [dict(id=c.id, text=c.text, kind=c.kind, cells=list(c.cells), **verdict(c, by_id))
               for c in exp.claims]
     return {"experiment": exp.name, "title": exp.title, "paper": exp.paper, "metric": exp.metric,
-            "source": exp.source, "notes": exp.notes, "scale": plan.scale, "seeds": list(plan.seeds),
+            "source": exp.source, "notes": exp.notes, "scale": plan.scale,
+            "seeds": sorted({seed for cell in plan.cells for seed in plan.seeds_of(cell)}),
             "cells": cells, "claims": claims}
 
 

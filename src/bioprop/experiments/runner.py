@@ -41,6 +41,12 @@ class Plan:
     output_dir: Path
     data_root: str | None
     cells: list[Cell] = field(default_factory=list)
+    #: seeds of cells that differ from ``seeds`` (the table's cells outside ``--only``: the seeds on disk)
+    cell_seeds: dict[str, list[int]] = field(default_factory=dict)
+
+    def seeds_of(self, cell: Cell) -> list[int]:
+        """The seeds of ``cell`` in this plan."""
+        return self.cell_seeds.get(cell.id, self.seeds)
 
     @property
     def scale_dir(self) -> Path:
@@ -70,6 +76,24 @@ def make_plan(experiment: Experiment, scale: str = "quick", seeds: int = 1, only
                                   f"{', '.join(experiment.cell_ids())}")
     out = Path(output_dir) if output_dir else Path("results") / experiment.name
     return Plan(experiment, scale, list(range(seeds)), out, data_root, cells)
+
+
+def table_plan(plan: Plan) -> Plan:
+    """The plan whose table covers every cell of the experiment, not only those ``--only`` selected: a selected
+    cell keeps the requested seeds, any other cell has the seeds whose run directories exist (or the requested
+    ones, when it has none), so running part of a table never drops the rest of it from ``results.md``."""
+    selected = {cell.id for cell in plan.cells}
+    cells = plan.experiment.cells(plan.scale)
+    cell_seeds = {}
+    for cell in cells:
+        if cell.id in selected:
+            continue
+        folder = plan.scale_dir / cell.column / cell.row
+        on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isdigit()
+                         and (d / "config.json").exists()) if folder.is_dir() else []
+        if on_disk and on_disk != plan.seeds:
+            cell_seeds[cell.id] = on_disk
+    return Plan(plan.experiment, plan.scale, plan.seeds, plan.output_dir, plan.data_root, cells, cell_seeds)
 
 
 def run_dir(plan: Plan, cell: Cell, seed: int) -> Path:
