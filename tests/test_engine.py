@@ -533,6 +533,24 @@ def test_config_and_final_json_name_the_code_that_made_the_run(tmp_path):
     assert summary["code"] == expected
 
 
+def test_a_resumed_run_keeps_the_code_it_began_with_and_its_resume_event_names_the_new_code(tmp_path, monkeypatch):
+    from bioprop.engine import loop
+    out = tmp_path / "run"
+    first = {"version": "0.0.1", "commit": "a" * 40, "dirty": False}
+    monkeypatch.setattr(loop, "code_version", lambda: dict(first))
+    train(small(tmp_path, epochs=1))
+    later = {"version": "0.0.2", "commit": "b" * 40, "dirty": True}
+    monkeypatch.setattr(loop, "code_version", lambda: dict(later))
+    summary = train(small(tmp_path, epochs=2, resume=True))
+    assert json.loads((out / "config.json").read_text())["code"] == first
+    resumes = [r for r in read_records(out / "metrics.jsonl") if r.get("event") == "resume"]
+    assert [r["code"] for r in resumes] == [later]
+    assert summary["code"] == later == json.loads((out / "final.json").read_text())["code"]
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "code": None}))
+    train(small(tmp_path, epochs=3, resume=True))  # a config.json without code: the resuming code stands in
+    assert json.loads((out / "config.json").read_text())["code"] == later
+
+
 def test_code_version_outside_a_checkout_and_in_a_dirty_one(tmp_path, monkeypatch):
     import subprocess
     from bioprop.engine import provenance

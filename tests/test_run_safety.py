@@ -103,6 +103,26 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one_and_resumes_exactly
         train(small(tmp_path, epochs=4, resume=True))
 
 
+def test_a_checkpoint_of_another_state_layout_is_refused_in_one_line(tmp_path):
+    """A kp checkpoint of the layout where B was a parameter (``feedback_weight``, trained by the optimizer)."""
+    train(small(tmp_path, rule="kp", epochs=1))
+    out = tmp_path / "run"
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        state = load_checkpoint(out / "checkpoint.pt")
+        model = state["model"]
+        for key in [k for k in model if k.endswith("feedback_offset")]:
+            prefix = key[: -len("feedback_offset")]
+            model[prefix + "feedback_weight"] = model.pop(key) + model[prefix + "weight"]
+            del model[prefix + "feedback_offset_state"]
+        save_checkpoint(state, out / name)
+    with pytest.raises(CheckpointError) as info:
+        train(small(tmp_path, rule="kp", epochs=2, resume=True))
+    message = str(info.value)
+    assert "\n" not in message and "model state in" in message and "does not fit this run" in message and "checkpoint.pt" in message
+    assert "feedback_offset" in message and "another state layout" in message
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 1  # nothing was overwritten
+
+
 def test_a_divergence_after_resuming_an_unverified_checkpoint_never_calls_it_good(tmp_path):
     out = tmp_path / "run"
     train(small(tmp_path, epochs=1))

@@ -134,8 +134,12 @@ def _plan(optimizer: torch.optim.Optimizer) -> list[tuple[int, "weakref.ref[nn.M
 def _before_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     plan = _plan(optimizer)
     if plan:  # SGD and BatchManhattan start a momentum buffer at a parameter's first step (shared_update_decay)
-        _FIRST[optimizer] = [optimizer.state.get(ref().weight, {}).get("momentum_buffer") is None  # type: ignore
-                             if ref() is not None else True for _, ref in plan]
+        _FIRST[optimizer] = [_momentum_fresh(optimizer, ref()) for _, ref in plan]
+
+
+def _momentum_fresh(optimizer: torch.optim.Optimizer, layer: Any) -> bool:
+    """True when ``layer`` is gone or its W has no momentum buffer yet (the optimizer starts one this step)."""
+    return layer is None or optimizer.state.get(layer.weight, {}).get("momentum_buffer") is None
 
 
 def _after_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

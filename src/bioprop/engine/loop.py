@@ -35,7 +35,7 @@ from .evaluation import evaluate
 from .pipeline import (build_model, build_optimisation, epoch_seed, seed_everything, set_lr,
                        wrap_model)
 from .plateau import PlateauHalving
-from .provenance import CODE_KEY, code_version
+from .provenance import CODE_KEY, code_version, started_code
 from .rundir import (RunLock, check_output_dir, divergence_advice, make_output_dir, refuse_existing,
                      remove_run_files, resume_checkpoint)
 from .runlog import MetricsLog, TensorBoardLog, jsonable, progress
@@ -219,13 +219,15 @@ class Run:
                                         else int(checkpoint.get("layer_log_bytes", 0)))
             self.tb = TensorBoardLog(self.out / "tensorboard", enabled=self.main and config.tensorboard,
                                      purge_step=self.step if checkpoint is not None else None)
+            code = code_version()
             try:
                 if self.main:
+                    started = code if checkpoint is None else started_code(self.out / "config.json", code)
                     (self.out / "config.json").write_text(json.dumps(
-                        {**config.to_dict(), CODE_KEY: code_version()}, indent=2) + "\n")
+                        {**config.to_dict(), CODE_KEY: started}, indent=2) + "\n")
                 if checkpoint is not None:
                     self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
-                                 "checkpoint": str(self.resumed_from)})
+                                 "checkpoint": str(self.resumed_from), CODE_KEY: code})
                     if config.lr != checkpoint["config"].get("lr", config.lr):
                         self._write({"kind": "event", "event": "lr_change", "epoch": self.epoch, "step": self.step,
                                      "from": checkpoint["config"]["lr"], "to": config.lr})

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checkpoint import rng_state, save_checkpoint, set_rng_state
+import torch
+
+from .checkpoint import CheckpointError, rng_state, save_checkpoint, set_rng_state
 
 __all__ = ["CHECKPOINT_FORMAT", "run_state", "restore_run", "save_run"]
 
@@ -40,8 +42,15 @@ def run_state(run: Any) -> dict[str, Any]:
 
 def restore_run(run: Any, checkpoint: dict[str, Any]) -> None:
     """Load ``checkpoint`` (written by :func:`run_state`) into a freshly built ``run``."""
-    run.model.load_state_dict(checkpoint["model"])
-    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    where = getattr(run, "resumed_from", None) or "the checkpoint"
+    for part, target in (("model", run.model), ("optimizer", run.optimizer)):
+        try:
+            target.load_state_dict(checkpoint[part])
+        except (RuntimeError, ValueError, KeyError) as err:  # another layout: keys, shapes or parameter groups
+            raise CheckpointError(f"{part} state in {where} does not fit this run "
+                                  f"({_layout_difference(target, checkpoint[part], err)}): it was written by a "
+                                  "bioprop version with another state layout; resume it with that version, or "
+                                  "start the run in a new output directory") from None
     for constraint in run.constraints:
         constraint.load_state_dict(checkpoint["constraints"][constraint.name])
     run.epoch, run.step = int(checkpoint["epoch"]), int(checkpoint["step"])
@@ -52,6 +61,19 @@ def restore_run(run: Any, checkpoint: dict[str, Any]) -> None:
     if run.plateau is not None:
         run.plateau.load_state_dict(checkpoint["plateau"])
     run.loss_reference = checkpoint.get("loss_reference")  # absent in older checkpoints: set it again
+
+
+def _layout_difference(target: Any, saved: dict[str, Any], err: Exception) -> str:
+    """What differs between ``saved`` and ``target``'s state: missing and unexpected keys (a few of each), or the
+    first line of the loading error when the keys agree."""
+    if isinstance(target, torch.nn.Module) and isinstance(saved, dict):
+        expected = target.state_dict().keys()
+        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        parts = [f"{label} {', '.join(keys[:3])}{f' and {len(keys) - 3} more' if len(keys) > 3 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        if parts:
+            return "; ".join(parts)
+    return " ".join(str(err).split())[:200]
 
 
 def save_run(run: Any, *, best: bool) -> None:
