@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "results/report")
     report.add_argument("--tsne", action="store_true", help="add nokland2016's t-SNE figure: trains 3x400 tanh "
                                                             "nets with backprop and DFA (about 10 s on digits)")
-    report.add_argument("--tsne-dataset", default="digits", metavar="NAME",
-                        help="data set of the t-SNE nets; default digits")
+    report.add_argument("--tsne-dataset", default=None, metavar="NAME",
+                        help="data set of the t-SNE nets (with --tsne); default digits")
     return parser
 
 
@@ -289,12 +289,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     missing = [str(p) for p in run_dirs if not (p / "metrics.jsonl").is_file()]
     if missing:
         _fail(f"RUN_DIR: not a run directory (no metrics.jsonl): {', '.join(missing)}", code=2)
+    if not args.output_dir.strip():
+        _fail("--output-dir is empty; allowed: a directory path (default results/report)", code=2)
+    out = Path(args.output_dir)
+    from .engine.rundir import check_output_dir, make_output_dir
+    check_output_dir(out)
+    if args.tsne_dataset is not None:
+        if not args.tsne:
+            _fail("--tsne-dataset needs --tsne (it picks the data set of the t-SNE figure's nets)", code=2)
+        from .data import list_datasets
+        if args.tsne_dataset not in list_datasets():
+            _fail(f"--tsne-dataset {args.tsne_dataset!r} is not a data set; allowed: {', '.join(list_datasets())}",
+                  code=2)
     from .report.runs import load_run
     for run_dir in run_dirs:  # the report notes them too; say so here, where the user is looking
         for note in load_run(run_dir).notes:
-            if "unreadable" in note:
+            if "unreadable" in note or "not valid JSON" in note or "JSON object" in note:
                 print(f"{PROG}: warning: {run_dir}: {note}; its figures may miss records", file=sys.stderr)
-    path = write_report(run_dirs, Path(args.output_dir), tsne=args.tsne, tsne_dataset=args.tsne_dataset)
+    make_output_dir(out)
+    path = write_report(run_dirs, out, tsne=args.tsne, tsne_dataset=args.tsne_dataset or "digits")
     print(f"report: {path}")
     return 0
 

@@ -48,8 +48,23 @@ def check_output_dir(out: Path) -> None:
     """Refuse, before anything is built, a run directory that cannot exist or cannot be written.
 
     Raises:
-        ConfigError: ``out`` is a file, lies under a file, or its first existing ancestor is not writable.
+        ConfigError: ``out`` is a file, lies under a file, its first existing ancestor is not writable, or the
+            path itself is not valid here (a name too long).
     """
+    try:
+        _check_output_dir(out)
+    except OSError as err:
+        raise ConfigError("output_dir", f"output_dir {_short(out)} is not a valid path here: "
+                                        f"{err.strerror or err}; allowed: a directory path") from None
+
+
+def _short(path: Path, limit: int = 120) -> str:
+    """``path`` for a message, its middle elided beyond ``limit`` characters."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
+
+
+def _check_output_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError("output_dir", f"output_dir {out} is a file; allowed: a directory (new or existing)")
     ancestor = out
@@ -72,7 +87,7 @@ def make_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError("output_dir", f"output_dir {out} cannot be created: {err.strerror or err}") from None
+        raise ConfigError("output_dir", f"output_dir {_short(out)} cannot be created: {err.strerror or err}") from None
 
 
 def remove_run_files(out: Path) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .results import CELL_STATUSES, build_table, mean_std, render_markdown, verdict, write_reports, write_results
-from .runner import Plan, execute, make_plan, print_commands, run_config, run_dir, run_state, steps_per_cell, \
+from .runner import Plan, check_finished, execute, make_plan, print_commands, run_config, run_dir, run_state, steps_per_cell, \
     table_plan
 from .spec import (SCALES, Cell, Claim, Experiment, ExperimentError, list_experiments, load_experiment, merge,
                    resolve_config)
@@ -40,8 +40,13 @@ def collect(name: str | Path, scale: str = "quick", seeds: int = 1, only: str | 
 
     Returns:
         The table (what ``results.json`` holds).
+
+    Raises:
+        ExperimentError: a finished run made with other settings than the file gives its cell, or with a
+            damaged record (:func:`~bioprop.experiments.runner.check_finished`).
     """
     plan = table_plan(plan or make_plan(load_experiment(name), scale, seeds, only, output_dir, data_root))
+    check_finished(plan)
     from ..engine.distributed import detect
     table = build_table(plan)
     if detect().is_main:  # under torchrun only rank 0 writes

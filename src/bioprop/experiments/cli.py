@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from ..engine.config import TrainConfig
-from .runner import Plan, data_missing, make_plan, print_commands, run_dir, run_state, steps_per_cell
-from .spec import SCALES, load_experiment
+from .runner import (Plan, RunState, data_missing, make_plan, print_commands, run_dir, run_state, stale_reason,
+                     steps_per_cell)
+from .spec import SCALES, Cell, ExperimentError, load_experiment
 
 __all__ = ["add_parser", "run_command", "describe", "list_lines"]
 
@@ -58,6 +60,10 @@ def run_command(args: argparse.Namespace) -> int:
             print(line)
         return 0
     if args.collect:
+        if next(plan.scale_dir.glob("*/*/s*/config.json"), None) is None:
+            raise ExperimentError(f"nothing to collect: {plan.scale_dir} holds no run directory; run 'bioprop "
+                                  f"reproduce {experiment.name} --scale {args.scale}' first, or pass the "
+                                  "--output-dir the runs went to")
         table = collect(experiment.path, plan=plan, report=args.report)
     else:
         table = reproduce(experiment.path, args.scale, args.seeds, args.only, args.output_dir, args.data_root,
@@ -85,6 +91,22 @@ def list_lines() -> list[str]:
         exp = load_experiment(name)
         lines.append(f"{name:<16} {exp.paper:<14} {len(exp.cell_ids()):>3} cells  {exp.title}")
     return lines
+
+
+def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> str:
+    """What a run would do with one (cell, seed): skip, resume, start, or refuse a stale or damaged run."""
+    if state.state in ("done", "diverged"):
+        try:
+            differences = stale_reason(plan, cell, seed, path)
+        except ExperimentError as err:
+            return f"refuse ({err})"
+        if differences:
+            return f"refuse (made with other settings: {differences})"
+        return "skip (finished)" if state.state == "done" else "skip (diverged)"
+    if state.state == "interrupted":
+        return (f"resume (checkpoint unreadable: {state.unreadable})" if state.unreadable
+                else f"resume after epoch {state.epoch}")
+    return "start"
 
 
 def describe(plan: Plan, dry_run: bool = False) -> list[str]:
@@ -117,9 +139,7 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
                 remaining = 0
             total += remaining or 0
             if dry_run:
-                action = {"done": "skip (finished)", "diverged": "skip (diverged)",
-                          "interrupted": f"resume after epoch {state.epoch}", "pending": "start"}[state.state]
-                lines.append(f"    s{seed}: {action} -> {path}")
+                lines.append(f"    s{seed}: {_action(plan, cell, seed, path, state)} -> {path}")
     what = "steps left to run" if dry_run else "steps in all (runnable cells, every seed, nothing done yet counted)"
     if not dry_run:
         total = sum((steps_per_cell(c) or 0) * len(plan.seeds) for c in plan.cells

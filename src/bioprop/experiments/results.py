@@ -10,8 +10,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from .runner import Plan, data_missing, format_seconds, run_dir, run_state
-from .spec import Claim
+from ..engine.rundir import make_output_dir
+from .runner import Plan, data_missing, format_seconds, read_record, run_dir, run_state
+from .spec import Claim, ExperimentError
 
 __all__ = ["build_table", "verdict", "render_markdown", "write_results", "write_reports", "write_claim_figures",
            "mean_std", "CELL_STATUSES"]
@@ -30,22 +31,29 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _number(value: Any) -> float | None:
+    """``value`` when it is a finite number (not a bool), else None."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
 def _seed_result(path: Path, metric: str) -> dict[str, Any]:
     state = run_state(path)
     entry: dict[str, Any] = {"state": state.state}
     if state.state == "done":
-        final = json.loads((path / "final.json").read_text())
+        final = read_record(path / "final.json")
         # selected on a validation split when the run holds one (best.pt's epoch), else as the metric says
-        if metric == "ap":
-            value = None if final.get("final_ap") is None else 100.0 * float(final["final_ap"])
-        else:
-            key = ("test_error_at_best" if final.get("selected_by") == "val_error"
-                   else "best_test_error" if metric == "best_test_error" else "final_test_error")
-            value = final.get(key)
-        entry.update(test_error=value, epochs=final.get("epochs"), steps=final.get("steps"),
-                     wall_time_s=final.get("wall_time_s"))
+        key = ("final_ap" if metric == "ap" else "test_error_at_best" if final.get("selected_by") == "val_error"
+               else "best_test_error" if metric == "best_test_error" else "final_test_error")
+        value = final.get(key)  # None when the run never evaluated (e.g. eval_every beyond its epochs)
+        if value is not None and _number(value) is None:
+            raise ExperimentError(f"{path / 'final.json'} is damaged ({key} is {value!r}, not a finite number); "
+                                  f"delete {path} to run it again")
+        entry.update(test_error=None if value is None else 100.0 * value if metric == "ap" else float(value),
+                     epochs=final.get("epochs"),
+                     steps=final.get("steps"), wall_time_s=_number(final.get("wall_time_s")))
     elif state.state == "diverged":
-        entry["message"] = json.loads((path / "diverged.json").read_text()).get("message", "")
+        entry["message"] = str(read_record(path / "diverged.json").get("message", ""))
     elif state.state == "interrupted":
         entry["epochs"] = state.epoch
     return entry
@@ -81,7 +89,9 @@ def build_table(plan: Plan) -> dict[str, Any]:
             status = "diverged"
             reason = "; ".join(f"seed {r['seed']}: {r['message']}" for r in runs if r["state"] == "diverged")
         elif states and all(s == "done" for s in states):
-            status, reason = "done", ""
+            unevaluated = [str(r["seed"]) for r in runs if r.get("test_error") is None]
+            status, reason = "done", (f"seed {', '.join(unevaluated)}: no test value recorded (never evaluated)"
+                                      if unevaluated else "")
         elif "done" in states:
             status, reason = "partial", f"{states.count('done')} of {len(states)} seeds finished"
         else:
@@ -182,7 +192,7 @@ def render_markdown(table: dict[str, Any], reports: dict[str, str] | None = None
 
 def write_results(table: dict[str, Any], folder: Path, reports: dict[str, str] | None = None) -> tuple[Path, Path]:
     """Write ``results.json`` and ``results.md`` into ``folder``; returns both paths."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_dir(folder)
     json_path, md_path = folder / "results.json", folder / "results.md"
     json_path.write_text(json.dumps(table, indent=2) + "\n")
     md_path.write_text(render_markdown(table, reports))

@@ -20,11 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..engine.config import ConfigError, TrainConfig, config_from_dict
+from ..engine.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_from_dict
+from ..engine.rundir import check_output_dir, make_output_dir
 from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
-           "execute", "print_commands", "TRAIN_SIZES"]
+           "execute", "print_commands", "read_record", "stale_reason", "check_finished", "TRAIN_SIZES",
+           "MAX_SEEDS"]
+
+#: the most seeds per cell one call may ask for
+MAX_SEEDS = 100
+
+#: settings a finished run may differ in from its cell and still be the cell's run: where it lives, where its data
+#: came from and what it printed, not what it trained or how often it was evaluated
+NOT_RESULT_KEYS = RESUMABLE_CHANGES - {"epochs", "eval_every"}
 
 #: official training-set sizes, for the cost estimate without reading the data
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257,
@@ -63,19 +72,35 @@ def make_plan(experiment: Experiment, scale: str = "quick", seeds: int = 1, only
         output_dir: default ``results/<name>``.
 
     Raises:
-        ExperimentError: ``seeds < 1``, or ``only`` matches no cell.
+        ExperimentError: ``seeds`` outside 1..:data:`MAX_SEEDS`, an empty ``output_dir``, or a pattern of ``only``
+            that is empty or matches no cell.
+        ConfigError: ``output_dir`` is a file, lies under one, or cannot be written.
     """
-    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ExperimentError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise ExperimentError(f"--seeds must be an integer from 1 to {MAX_SEEDS}, got {seeds!r}")
     cells = experiment.cells(scale)
-    if only:
-        patterns = [p.strip() for p in only.split(",") if p.strip()]
-        cells = [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
-        if not cells:
-            raise ExperimentError(f"--only {only!r} matches no cell of {experiment.name}; cells: "
-                                  f"{', '.join(experiment.cell_ids())}")
-    out = Path(output_dir) if output_dir else Path("results") / experiment.name
+    if only is not None:
+        cells = _select(experiment, cells, only)
+    if output_dir is not None and not str(output_dir).strip():
+        raise ExperimentError(f"--output-dir is empty; allowed: a directory path (default results/{experiment.name})")
+    out = Path(output_dir) if output_dir is not None else Path("results") / experiment.name
+    check_output_dir(out)
     return Plan(experiment, scale, list(range(seeds)), out, data_root, cells)
+
+
+def _select(experiment: Experiment, cells: list[Cell], only: str) -> list[Cell]:
+    """The cells matching any pattern of ``only``; every pattern must match at least one cell."""
+    patterns = [p.strip() for p in only.split(",")]
+    allowed = (f"allowed: comma-separated patterns on COLUMN/ROW with columns "
+               f"{', '.join(dict.fromkeys(c.column for c in cells))} and rows "
+               f"{', '.join(dict.fromkeys(c.row for c in cells))}, e.g. '{cells[0].column}/*'")
+    if not all(patterns):
+        raise ExperimentError(f"--only {only!r} holds an empty pattern; {allowed}")
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(c.id, p) for c in cells)]
+    if unmatched:
+        raise ExperimentError(f"--only: {', '.join(map(repr, unmatched))} matches no cell of {experiment.name}; "
+                              f"{allowed}")
+    return [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
 
 
 def table_plan(plan: Plan) -> Plan:
@@ -123,10 +148,12 @@ def data_missing(cell: Cell, data_root: str | None) -> str:
 @dataclass(frozen=True)
 class RunState:
     """Where one (cell, seed) stands: ``"done"``, ``"diverged"``, ``"interrupted"`` (checkpoint, no final) or
-    ``"pending"``; ``epoch`` is the last finished epoch of an interrupted run."""
+    ``"pending"``; ``epoch`` is the last finished epoch of an interrupted run, ``unreadable`` why its
+    checkpoint could not be read here (the run itself then falls back to the previous one or says so)."""
 
     state: str
     epoch: int = 0
+    unreadable: str = ""
 
 
 def run_state(path: Path) -> RunState:
@@ -139,8 +166,8 @@ def run_state(path: Path) -> RunState:
         from ..engine import load_checkpoint
         try:
             return RunState("interrupted", int(load_checkpoint(path / "checkpoint.pt")["epoch"]))
-        except Exception:  # an unreadable checkpoint still means "resume"; the engine reports the damage
-            return RunState("interrupted")
+        except Exception as err:  # an unreadable checkpoint still means "resume"; the engine reports the damage
+            return RunState("interrupted", unreadable=" ".join(str(err).split()) or type(err).__name__)
     return RunState("pending")
 
 
@@ -157,18 +184,69 @@ def steps_per_cell(cell: Cell) -> int | None:
     return int(values.get("epochs", TrainConfig.epochs)) * per_epoch
 
 
-def _check_not_stale(plan: Plan, cell: Cell, seed: int, path: Path) -> None:
-    """Refuse a finished run directory that was made with other settings than the file now gives."""
-    from ..engine.checkpoint import check_same_run
-    saved_path = path / "config.json"
-    if not saved_path.is_file():
-        return
-    saved = json.loads(saved_path.read_text())
+def read_record(path: Path) -> dict[str, Any]:
+    """One of a run's JSON records (``config.json``, ``final.json``, ``diverged.json``) as a dict.
+
+    Raises:
+        ExperimentError: the file cannot be read, is not JSON, or holds no JSON object; the message names the
+            file and the way on (delete the run directory to run it again).
+    """
     try:
-        check_same_run(saved, run_config(plan, cell, seed).to_dict(), saved_path)
-    except ConfigError as err:
-        raise ExperimentError(f"cell {cell.id} seed {seed}: {err.reason}; delete {path} or use another "
-                              "--output-dir") from None
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        reason = err.strerror or str(err)
+    except (UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+        reason = f"not valid JSON: {err}"
+    else:
+        if isinstance(value, dict):
+            return value
+        reason = f"a JSON {type(value).__name__}, not an object"
+    raise ExperimentError(f"{path} is damaged ({reason}); delete {path.parent} to run it again")
+
+
+def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path) -> str:
+    """``""`` when the finished or diverged run in ``path`` was made with the settings the file now gives its
+    cell, else the differing settings, ``"lr: run 0.001, file 0.0003"``.
+
+    Every setting counts except :data:`NOT_RESULT_KEYS`, so a run resumed at a lower lr (which the engine
+    allows) is not the cell's run either.
+
+    Raises:
+        ExperimentError: its ``config.json`` (or the record saying how it ended) is damaged.
+    """
+    state = run_state(path).state
+    read_record(path / ("final.json" if state == "done" else "diverged.json"))
+    saved = read_record(path / "config.json")
+    current = run_config(plan, cell, seed).to_dict()
+    return "; ".join(f"{key}: run {saved[key]!r}, file {current[key]!r}" for key in current
+                     if key not in NOT_RESULT_KEYS and key in saved and saved[key] != current[key])
+
+
+def _check_not_stale(plan: Plan, cell: Cell, seed: int, path: Path) -> None:
+    """Refuse a finished or diverged run directory made with other settings than the file now gives."""
+    if not (path / "config.json").is_file():
+        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} holds a finished run without config.json, so "
+                              "its settings cannot be checked; delete it to run the cell again")
+    differences = stale_reason(plan, cell, seed, path)
+    if differences:
+        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} was made with other settings than "
+                              f"{plan.experiment.path.name} gives ({differences}); delete it to run the cell "
+                              "again, or use another --output-dir")
+
+
+def check_finished(plan: Plan) -> None:
+    """Check every finished or diverged run of ``plan`` (each cell's :meth:`Plan.seeds_of`) against its cell.
+
+    Raises:
+        ExperimentError: the first run made with other settings, or with a damaged record.
+    """
+    for cell in plan.cells:
+        if cell.missing:
+            continue
+        for seed in plan.seeds_of(cell):
+            path = run_dir(plan, cell, seed)
+            if run_state(path).state in ("done", "diverged"):
+                _check_not_stale(plan, cell, seed, path)
 
 
 def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] | None = None,
@@ -187,6 +265,9 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
 
     main = detect().is_main
     work = pending_runs(plan, check=True)  # decided once, before any training: every torchrun process agrees
+    if not work and main:
+        log(f"{plan.experiment.name}: nothing to train in {plan.scale_dir}: every selected run is finished or "
+            "diverged, or its method or data is missing")
     for i, (cell, seed, state) in enumerate(work, 1):
         config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
                             progress=verbose)
@@ -237,7 +318,7 @@ def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
     for cell, seed, state in pending_runs(plan):
         path = run_dir(plan, cell, seed)
         config = run_config(plan, cell, seed, progress=False).to_dict()
-        path.mkdir(parents=True, exist_ok=True)
+        make_output_dir(path)
         toml_path = path / "train.toml"
         toml_path.write_text(as_toml(config))
         if load_toml(toml_path) != config:  # the writer is flat; refuse a config it cannot express

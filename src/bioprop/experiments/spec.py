@@ -161,6 +161,9 @@ def experiment_path(name: str | Path) -> Path:
     text = str(name)
     if text.endswith(".toml") or "/" in text:
         path = Path(text)
+        if path.is_dir():
+            raise ExperimentError(f"{path} is a directory; allowed: an experiment name ({', '.join(list_experiments())}) "
+                                  "or a path to a .toml file")
         if not path.is_file():
             raise ExperimentError(f"experiment file not found: {path}")
         return path
@@ -186,6 +189,10 @@ def load_experiment(name: str | Path) -> Experiment:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ExperimentError(f"{where}: not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ExperimentError(f"{where}: not UTF-8 text (byte {err.start}); allowed: a UTF-8 TOML file") from None
+    except OSError as err:
+        raise ExperimentError(f"{where}: cannot be read: {err.strerror or err}") from None
     _check_keys(raw, "top", where, "the file")
     head = raw.get("experiment")
     if not isinstance(head, dict):
