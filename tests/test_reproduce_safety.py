@@ -116,6 +116,7 @@ def test_a_run_that_never_evaluated_is_done_without_a_value(finished: tuple[Path
     (["--seeds", "0"], "--seeds must be an integer from 1 to 100, got 0"),
     (["--seeds", "100000"], "--seeds must be an integer from 1 to 100, got 100000"),
     (["--output-dir", ""], "--output-dir is empty; allowed: a directory path"),
+    (["--output-dir", "a\nb", "--print-commands"], "--output-dir 'a\\nb' holds a control character"),
     (["--output-dir", "{file}", "--print-commands"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--collect"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--dry-run"], "output_dir {file} is a file; allowed: a directory"),

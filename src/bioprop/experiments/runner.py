@@ -83,6 +83,9 @@ def make_plan(experiment: Experiment, scale: str = "quick", seeds: int = 1, only
         cells = _select(experiment, cells, only)
     if output_dir is not None and not str(output_dir).strip():
         raise ExperimentError(f"--output-dir is empty; allowed: a directory path (default results/{experiment.name})")
+    if output_dir is not None and any(ord(ch) < 32 for ch in str(output_dir)):
+        raise ExperimentError(f"--output-dir {str(output_dir)!r} holds a control character (a line break breaks "
+                              "--print-commands' one line per run); allowed: a path without control characters")
     out = Path(output_dir) if output_dir is not None else Path("results") / experiment.name
     check_output_dir(out)
     return Plan(experiment, scale, list(range(seeds)), out, data_root, cells)
