@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from bioprop.cli import main
-from bioprop.experiments import ExperimentError, collect, reproduce
+from bioprop.experiments import ExperimentError, collect, load_experiment, reproduce
 from test_reproduce import TINY, quiet, tiny_file
 
 
@@ -96,27 +96,131 @@ def test_a_damaged_record_is_named_in_one_line(finished: tuple[Path, Path], name
         assert f"{run / name} is damaged (" in line and reason in line and f"delete {run}" in line
 
 
-def test_a_run_that_never_evaluated_is_done_without_a_value(finished: tuple[Path, Path]) -> None:
+def test_a_run_that_never_evaluated_leaves_its_cell_partial(finished: tuple[Path, Path]) -> None:
     path, out = finished
     final = out / "smoke" / "digits" / "bp" / "s0" / "final.json"
-    final.write_text(json.dumps({**json.loads(final.read_text()), "final_test_error": None}))
+    final.write_text(json.dumps({**json.loads(final.read_text()), "final_test_error": None, "epochs": "1"}))
     table = collect(path, "smoke", only="digits/bp", output_dir=out, report=False)
     (cell,) = [c for c in table["cells"] if c["id"] == "digits/bp"]
-    assert cell["status"] == "done" and cell["mean"] is None and cell["seeds_done"] == 0
-    assert cell["reason"] == "seed 0: no test value recorded (never evaluated)"
+    assert cell["status"] == "partial" and cell["mean"] is None and cell["seeds_done"] == 0
+    assert cell["reason"] == "seed 0: finished without a test value (never evaluated)"
+    assert cell["epochs"] is None  # a wrong-typed count is not shown (nor compared)
+    claims = {c["id"]: c["verdict"] for c in table["claims"]}
+    assert claims["fa_behind"] == "not testable here"
+
+
+@pytest.mark.parametrize("name, text, reason", [
+    ("final.json", "[" * 100000, "not valid JSON"),  # nesting deeper than the parser's recursion
+    ("final.json", '{"final_test_error": NaN}', "final_test_error is nan, not a finite number"),
+    ("diverged.json", "[]", "a JSON list, not an object"),
+])
+def test_dry_run_and_run_agree_on_a_damaged_record(finished: tuple[Path, Path], name: str, text: str,
+                                                   reason: str, capsys: pytest.CaptureFixture) -> None:
+    path, out = finished
+    run = out / "smoke" / "digits" / "bp" / "s0"
+    if name == "diverged.json":
+        (run / "final.json").unlink()
+    (run / name).write_text(text)
+    assert main(argv(path, out, "--dry-run")) == 0
+    dry = capsys.readouterr().out
+    assert f"s0: refuse ({run / name} is damaged (" in dry and reason in dry
+    assert main(argv(path, out)) == 2
+    assert reason in error_line(capsys)
+
+
+def test_a_finished_run_without_config_is_refused_in_the_same_words_by_run_and_dry_run(
+        finished: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    path, out = finished
+    run = out / "smoke" / "digits" / "bp" / "s0"
+    (run / "config.json").unlink()
+    words = f"{run} holds a finished run without config.json, so its settings cannot be checked"
+    assert main(argv(path, out, "--dry-run")) == 0
+    assert words in capsys.readouterr().out
+    assert main(argv(path, out)) == 2
+    assert words in error_line(capsys)
+
+
+@pytest.mark.parametrize("key, value, refused", [
+    ("eval_every", 2, True),  # which epochs were evaluated decides the best epoch
+    ("model_args", {"depth": 1, "width": 17}, True),
+    ("compile", True, False),  # how fast it ran, not what it trained
+    ("channels_last", True, False),
+    ("data_root", "/elsewhere", False),
+])
+def test_which_settings_make_a_finished_run_another_run(finished: tuple[Path, Path], key: str, value: object,
+                                                         refused: bool, capsys: pytest.CaptureFixture) -> None:
+    path, out = finished
+    run = out / "smoke" / "digits" / "bp" / "s0"
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, key: value}))
+    assert main(argv(path, out)) == (2 if refused else 0)
+    if refused:
+        assert f"({key}: run {value!r}" in error_line(capsys)
+
+
+def test_a_stale_run_outside_only_is_refused_before_anything_trains(
+        finished: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    path, out = finished
+    path.write_text(TINY.replace("lr = 0.05", "lr = 0.04", 1))  # digits/bp's finished run is now stale
+    fa = ["reproduce", str(path), "--scale", "smoke", "--only", "digits/fa", "--output-dir", str(out),
+          "--no-report", "--no-progress"]
+    assert main(fa + ["--dry-run"]) == 0
+    assert "digits/bp s0 (outside --only, in the table): refuse (made with other settings: lr: run 0.05, file 0.04)" \
+        in capsys.readouterr().out
+    for mode in ((), ("--print-commands",)):
+        assert main(fa + list(mode)) == 2
+        assert "cell digits/bp seed 0:" in error_line(capsys)
+        assert not (out / "smoke" / "digits" / "fa").exists()  # refused before training or writing anything
+    with pytest.raises(ExperimentError, match="cell digits/bp seed 0: .* other settings"):
+        collect(path, "smoke", only="digits/fa", output_dir=out, report=False)
+
+
+def test_a_diverged_cell_says_to_lower_the_files_lr_not_to_resume(tmp_path: Path) -> None:
+    path = tiny_file(tmp_path, TINY.replace("lr = 0.05", "lr = 1e38", 1))
+    lines: list[str] = []
+    table = reproduce(path, "smoke", only="digits/bp", output_dir=tmp_path / "out", report=False, verbose=False,
+                      log=lines.append)
+    run = tmp_path / "out" / "smoke" / "digits" / "bp" / "s0"
+    message = json.loads((run / "diverged.json").read_text())["message"]
+    assert message.startswith("training diverged in epoch 1: ")
+    assert message.endswith(f"are kept in {run}. To run the cell again, lower its lr in tiny.toml and delete that "
+                            "directory")
+    assert "--resume" not in message and "--overwrite" not in message
+    assert any(message in line for line in lines)
+    (cell,) = [c for c in table["cells"] if c["id"] == "digits/bp"]
+    assert cell["status"] == "diverged" and message in cell["reason"]
+
+
+def test_list_and_dry_run_only_read_the_output_dir(finished: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    import bioprop.engine.rundir as rundir
+    path, out = finished
+    monkeypatch.setattr(rundir.os, "access", lambda *_: False)  # as if out were read-only (root may write anything)
+    assert main(argv(path, out, "--dry-run")) == 0 and "s0: skip (finished)" in capsys.readouterr().out
+    assert main(argv(path, out, "--list")) == 0
+    capsys.readouterr()
+    for mode in ((), ("--collect",), ("--print-commands",)):
+        assert main(argv(path, out, *mode)) == 2
+        assert "cannot be created or written" in error_line(capsys)
 
 
 # ------------------------------------------------------------------------------------------ bad arguments
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--only", ""], "--only '' holds an empty pattern; allowed: comma-separated patterns on COLUMN/ROW with "
-                     "columns digits, wide and rows bp, fa, future"),
+    (["--only", ""], "--only '' holds an empty pattern; allowed: comma-separated shell patterns on the cells "
+                     "digits/bp, digits/fa, wide/fa, digits/future, e.g. 'digits/*'"),
     (["--only", "digits/bp,digts/fa"], "--only: 'digts/fa' matches no cell of tiny; allowed:"),
+    (["--only", "wide/bp,x"], "--only: 'wide/bp', 'x' match no cell of tiny; allowed:"),
     (["--seeds", "0"], "--seeds must be an integer from 1 to 100, got 0"),
     (["--seeds", "100000"], "--seeds must be an integer from 1 to 100, got 100000"),
     (["--output-dir", ""], "--output-dir is empty; allowed: a directory path"),
     (["--output-dir", "a\nb", "--print-commands"], "--output-dir 'a\\nb' holds a control character"),
+    (["--output-dir", "a\u2028b", "--dry-run"], "holds a control character or line separator"),
+    (["--output-dir", "nu\udcffx", "--dry-run"], "--output-dir 'nu\\udcffx' is not UTF-8; allowed: a UTF-8 path"),
+    (["--output-dir", "{tmp}/dangling", "--dry-run"], "output_dir {tmp}/dangling is a broken symbolic link"),
+    (["--output-dir", "{tmp}/" + "/".join(["d" * 250] * 16), "--dry-run"],
+     "--output-dir is too long: its run files (e.g. checkpoint.prev.pt of smoke/digits/future/s0) would pass 4096"),
     (["--output-dir", "{file}", "--print-commands"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--collect"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--dry-run"], "output_dir {file} is a file; allowed: a directory"),
@@ -129,11 +233,17 @@ def test_bad_arguments_are_refused_in_one_line(tmp_path: Path, extra: list[str],
                                                capsys: pytest.CaptureFixture) -> None:
     path = tiny_file(tmp_path)
     (tmp_path / "afile").write_text("")
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     fill = {"file": str(tmp_path / "afile"), "tmp": str(tmp_path)}
     extra = [e.format(**fill) for e in extra]
     assert main(["reproduce", str(path), "--scale", "smoke", *extra]) == 2
     assert message.format(**fill) in error_line(capsys)
     assert not (tmp_path / "nothing").exists()  # --collect made nothing
+
+
+def test_an_id_with_a_trailing_line_break_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExperimentError, match=r"id 'bp\\n' must match \[a-z0-9_\]\+"):
+        load_experiment(tiny_file(tmp_path, TINY.replace('id = "bp"', 'id = "bp\\n"', 1)))
 
 
 def test_an_experiment_path_that_is_a_directory_or_not_utf8_is_refused(tmp_path: Path,
@@ -172,3 +282,8 @@ def test_report_warns_on_a_damaged_record(finished: tuple[Path, Path], capsys: p
     err = capsys.readouterr().err
     assert f"warning: {run}: final.json does not hold a JSON object" in err
     assert (path.parent / "report" / "report.html").is_file()
+
+
+def test_an_lr_beyond_float32_is_refused_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    assert main(["train", "--set", "lr=1e300", "--dataset", "digits"]) == 2
+    assert "lr must be finite and at most 3.403e+38 (what a float32 holds), got 1e+300" in error_line(capsys)

@@ -27,7 +27,7 @@ import torch
 from .config import RESUMABLE_CHANGES, ConfigError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_run_checkpoint", "rng_state", "set_rng_state",
-           "check_same_run", "CheckpointError", "RunWarning", "state_digest"]
+           "check_same_run", "CheckpointError", "RunWarning", "state_digest", "write_text_atomic"]
 
 #: the keys every engine checkpoint holds (checked on resume)
 RUN_KEYS = ("format", "model", "optimizer", "constraints", "epoch", "step", "elapsed_s", "best", "history", "rng",
@@ -106,6 +106,23 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, previous: str | Pat
                               "(free space or pick another --output-dir, then --resume)") from None
     finally:
         tmp.unlink(missing_ok=True)  # after a failure only; a successful rename has already consumed it
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``: a reader, another process
+    included, sees the old file or the new one, never a part.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure only
     return path
 
 

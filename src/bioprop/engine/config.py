@@ -202,6 +202,10 @@ def check_type(key: str, value: Any) -> Any:
     return value
 
 
+#: the largest finite float32: a larger lr or decay cannot be applied to float32 weights
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_values(config: TrainConfig) -> None:
     """Check each value against what it may be (names against the registries, numbers against their ranges).
 
@@ -222,6 +226,9 @@ def check_values(config: TrainConfig) -> None:
         value = getattr(config, key)
         if not (value >= 0 if zero_ok else value > 0):
             raise ConfigError(key, f"{key} must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        if isinstance(value, float) and not value <= FLOAT32_MAX:  # inf, or a step torch cannot apply
+            raise ConfigError(key, f"{key} must be finite and at most {FLOAT32_MAX:.4g} (what a float32 holds), "
+                                   f"got {value!r}")
 
     for key in ("epochs", "batch_size", "eval_every", "step_size", "plateau_halvings"):
         positive(key)

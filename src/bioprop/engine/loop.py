@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..rules import after_step
 from . import distributed as dist_utils
 from .build import lr_factor
+from .checkpoint import write_text_atomic
 from .config import TrainConfig, check_values
 from .evaluation import evaluate
 from .pipeline import (build_model, build_optimisation, epoch_seed, seed_everything, set_lr,
@@ -50,7 +51,17 @@ LAYERS_LOG = "metrics_layers.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or the weights became NaN or infinite (or the loss exploded); the last good checkpoint is kept.
+
+    Args:
+        message: what happened and how to go on with ``bioprop train``.
+        cause: what happened alone (``"training diverged in epoch 3: ..."``), for callers that give their own
+            way on; defaults to ``message``.
+    """
+
+    def __init__(self, message: str, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause or message
 
 
 @dataclass
@@ -223,7 +234,7 @@ class Run:
             try:
                 if self.main:
                     started = code if checkpoint is None else started_code(self.out / "config.json", code)
-                    (self.out / "config.json").write_text(json.dumps(
+                    write_text_atomic(self.out / "config.json", json.dumps(
                         {**config.to_dict(), CODE_KEY: started}, indent=2) + "\n")
                 if checkpoint is not None:
                     self._write({"kind": "event", "event": "resume", "epoch": self.epoch, "step": self.step,
@@ -313,9 +324,10 @@ class Run:
     def _diverged(self, epoch: int, what: str, event: str = "nan") -> None:
         advice = divergence_advice(self.out, self.config.lr, self.epoch, self.good_checkpoint,
                                    getattr(self, "resumed_from", None))
-        message = f"training diverged in epoch {epoch}: {what}; {advice}"
+        cause = f"training diverged in epoch {epoch}: {what}"
+        message = f"{cause}; {advice}"
         self._write({"kind": "event", "event": event, "epoch": epoch, "step": self.step, "message": message})
-        raise TrainingDiverged(message)
+        raise TrainingDiverged(message, cause)
 
     def _check_explosion(self, epoch: int, loss: float, first_step: int) -> None:
         """Stop (or warn once) when a finite window loss exceeds ``divergence_factor`` × the run's first one.
@@ -396,5 +408,5 @@ class Run:
         if self.plateau is not None:
             summary["stop_reason"] = self.plateau.stop_reason or f"reached epochs = {config.epochs}"
         if self.main:
-            (self.out / "final.json").write_text(json.dumps(jsonable(summary), indent=2) + "\n")
+            write_text_atomic(self.out / "final.json", json.dumps(jsonable(summary), indent=2) + "\n")
         return summary

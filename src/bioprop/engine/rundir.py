@@ -44,15 +44,19 @@ def refuse_existing(out: Path) -> None:
                                         "to continue it, --overwrite to start over, or another --output-dir")
 
 
-def check_output_dir(out: Path) -> None:
+def check_output_dir(out: Path, writable: bool = True) -> None:
     """Refuse, before anything is built, a run directory that cannot exist or cannot be written.
 
+    Args:
+        out: the directory.
+        writable: also require that it can be created or written (False for a caller that only reads it).
+
     Raises:
-        ConfigError: ``out`` is a file, lies under a file, its first existing ancestor is not writable, or the
-            path itself is not valid here (a name too long).
+        ConfigError: ``out`` is a file, lies under a file, is a broken symbolic link, its first existing ancestor
+            is not writable, or the path itself is not valid here (a name too long).
     """
     try:
-        _check_output_dir(out)
+        _check_output_dir(out, writable)
     except OSError as err:
         raise ConfigError("output_dir", f"output_dir {_short(out)} is not a valid path here: "
                                         f"{err.strerror or err}; allowed: a directory path") from None
@@ -64,7 +68,10 @@ def _short(path: Path, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
-def _check_output_dir(out: Path) -> None:
+def _check_output_dir(out: Path, writable: bool) -> None:
+    if out.is_symlink() and not out.exists():
+        raise ConfigError("output_dir", f"output_dir {_short(out)} is a broken symbolic link (to "
+                                        f"{os.readlink(out)}); allowed: a directory or a link to one")
     if out.exists() and not out.is_dir():
         raise ConfigError("output_dir", f"output_dir {out} is a file; allowed: a directory (new or existing)")
     ancestor = out
@@ -73,7 +80,7 @@ def _check_output_dir(out: Path) -> None:
     if ancestor != out and not ancestor.is_dir():
         raise ConfigError("output_dir", f"output_dir {out} lies under {ancestor}, which is a file; allowed: a "
                                         "path whose parents are directories")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if writable and not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError("output_dir", f"output_dir {out} cannot be created or written: {ancestor} is not "
                                         "writable; allowed: a directory this user can write")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .results import CELL_STATUSES, build_table, mean_std, render_markdown, verdict, write_reports, write_results
-from .runner import Plan, check_finished, execute, make_plan, print_commands, run_config, run_dir, run_state, steps_per_cell, \
+from .runner import Plan, check_finished, check_output, execute, make_plan, print_commands, run_config, run_dir, run_state, steps_per_cell, \
     table_plan
 from .spec import (SCALES, Cell, Claim, Experiment, ExperimentError, list_experiments, load_experiment, merge,
                    resolve_config)
@@ -46,6 +46,7 @@ def collect(name: str | Path, scale: str = "quick", seeds: int = 1, only: str | 
             damaged record (:func:`~bioprop.experiments.runner.check_finished`).
     """
     plan = table_plan(plan or make_plan(load_experiment(name), scale, seeds, only, output_dir, data_root))
+    check_output(plan, writing=True)
     check_finished(plan)
     from ..engine.distributed import detect
     table = build_table(plan)

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.config import TrainConfig
-from .runner import (Plan, RunState, data_missing, make_plan, print_commands, run_dir, run_state, stale_reason,
-                     steps_per_cell)
+from .runner import (Plan, RunState, check_output, data_missing, make_plan, print_commands, run_dir, run_state,
+                     stale_reason, steps_per_cell, table_plan)
 from .spec import SCALES, Cell, ExperimentError, load_experiment
 
 __all__ = ["add_parser", "run_command", "describe", "list_lines"]
@@ -52,6 +52,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     experiment = load_experiment(args.name)
     plan = make_plan(experiment, args.scale, args.seeds, args.only, args.output_dir, args.data_root)
+    check_output(plan, writing=not (args.list or args.dry_run))
     if args.list or args.dry_run:
         print("\n".join(describe(plan, dry_run=args.dry_run)))
         return 0
@@ -109,6 +110,24 @@ def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> s
     return "start"
 
 
+def _others_refused(plan: Plan) -> list[str]:
+    """Lines for the runs of the table's cells outside ``--only`` that a run would refuse (it checks the whole
+    table before training)."""
+    selected = {cell.id for cell in plan.cells}
+    whole = table_plan(plan)
+    lines = []
+    for cell in whole.cells:
+        if cell.id in selected or cell.missing:
+            continue
+        for seed in whole.seeds_of(cell):
+            path = run_dir(whole, cell, seed)
+            state = run_state(path)
+            action = _action(whole, cell, seed, path, state)
+            if action.startswith("refuse"):
+                lines.append(f"{cell.id} s{seed} (outside --only, in the table): {action} -> {path}")
+    return lines
+
+
 def describe(plan: Plan, dry_run: bool = False) -> list[str]:
     """The lines of ``--list`` (cells, config, steps per cell) or ``--dry-run`` (plus each seed's next action)."""
     exp = plan.experiment
@@ -140,6 +159,8 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
             total += remaining or 0
             if dry_run:
                 lines.append(f"    s{seed}: {_action(plan, cell, seed, path, state)} -> {path}")
+    if dry_run:
+        lines += _others_refused(plan)
     what = "steps left to run" if dry_run else "steps in all (runnable cells, every seed, nothing done yet counted)"
     if not dry_run:
         total = sum((steps_per_cell(c) or 0) * len(plan.seeds) for c in plan.cells

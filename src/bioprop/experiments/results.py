@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..engine.rundir import make_output_dir
-from .runner import Plan, data_missing, format_seconds, read_record, run_dir, run_state
-from .spec import Claim, ExperimentError
+from .runner import Plan, data_missing, finished_value, format_seconds, read_record, run_dir, run_state
+from .spec import Claim
 
 __all__ = ["build_table", "verdict", "render_markdown", "write_results", "write_reports", "write_claim_figures",
            "mean_std", "CELL_STATUSES"]
@@ -37,21 +37,18 @@ def _number(value: Any) -> float | None:
     return float(value) if ok else None
 
 
+def _count(value: Any) -> int | None:
+    """``value`` when it is a non-negative integer (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _seed_result(path: Path, metric: str) -> dict[str, Any]:
     state = run_state(path)
     entry: dict[str, Any] = {"state": state.state}
     if state.state == "done":
         final = read_record(path / "final.json")
-        # selected on a validation split when the run holds one (best.pt's epoch), else as the metric says
-        key = ("final_ap" if metric == "ap" else "test_error_at_best" if final.get("selected_by") == "val_error"
-               else "best_test_error" if metric == "best_test_error" else "final_test_error")
-        value = final.get(key)  # None when the run never evaluated (e.g. eval_every beyond its epochs)
-        if value is not None and _number(value) is None:
-            raise ExperimentError(f"{path / 'final.json'} is damaged ({key} is {value!r}, not a finite number); "
-                                  f"delete {path} to run it again")
-        entry.update(test_error=None if value is None else 100.0 * value if metric == "ap" else float(value),
-                     epochs=final.get("epochs"),
-                     steps=final.get("steps"), wall_time_s=_number(final.get("wall_time_s")))
+        entry.update(test_error=finished_value(final, metric, path), epochs=_count(final.get("epochs")),
+                     steps=_count(final.get("steps")), wall_time_s=_number(final.get("wall_time_s")))
     elif state.state == "diverged":
         entry["message"] = str(read_record(path / "diverged.json").get("message", ""))
     elif state.state == "interrupted":
@@ -90,8 +87,8 @@ def build_table(plan: Plan) -> dict[str, Any]:
             reason = "; ".join(f"seed {r['seed']}: {r['message']}" for r in runs if r["state"] == "diverged")
         elif states and all(s == "done" for s in states):
             unevaluated = [str(r["seed"]) for r in runs if r.get("test_error") is None]
-            status, reason = "done", (f"seed {', '.join(unevaluated)}: no test value recorded (never evaluated)"
-                                      if unevaluated else "")
+            status, reason = ("partial", f"seed {', '.join(unevaluated)}: finished without a test value (never "
+                                         "evaluated)") if unevaluated else ("done", "")
         elif "done" in states:
             status, reason = "partial", f"{states.count('done')} of {len(states)} seeds finished"
         else:
@@ -100,8 +97,8 @@ def build_table(plan: Plan) -> dict[str, Any]:
         wall = [r["wall_time_s"] for r in done if r.get("wall_time_s") is not None]
         entry.update(status=status, reason=reason, runs=runs, seeds_done=len(errors), mean=mean, std=std,
                      gap=None if mean is None or cell.published is None else mean - cell.published,
-                     epochs=max((r.get("epochs") or 0 for r in done), default=None),
-                     steps=max((r.get("steps") or 0 for r in done), default=None),
+                     epochs=max((r["epochs"] for r in done if r.get("epochs") is not None), default=None),
+                     steps=max((r["steps"] for r in done if r.get("steps") is not None), default=None),
                      wall_time_s=sum(wall) if wall else None)
         cells.append(entry)
     by_id = {c["id"]: c for c in cells}

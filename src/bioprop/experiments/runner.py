@@ -25,15 +25,18 @@ from ..engine.rundir import check_output_dir, make_output_dir
 from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
-           "execute", "print_commands", "read_record", "stale_reason", "check_finished", "TRAIN_SIZES",
-           "MAX_SEEDS"]
+           "execute", "print_commands", "read_record", "stale_reason", "check_finished", "check_output",
+           "finished_value", "table_plan", "TRAIN_SIZES", "MAX_SEEDS", "NOT_RESULT_KEYS"]
 
 #: the most seeds per cell one call may ask for
 MAX_SEEDS = 100
 
 #: settings a finished run may differ in from its cell and still be the cell's run: where it lives, where its data
-#: came from and what it printed, not what it trained or how often it was evaluated
-NOT_RESULT_KEYS = RESUMABLE_CHANGES - {"epochs", "eval_every"}
+#: came from, what it printed and how fast it ran, not what it trained or how often it was evaluated
+NOT_RESULT_KEYS = (RESUMABLE_CHANGES - {"epochs", "eval_every"}) | {"compile", "channels_last"}
+
+#: the longest path the run files may have (Linux's PATH_MAX)
+PATH_MAX = 4096
 
 #: official training-set sizes, for the cost estimate without reading the data
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257,
@@ -72,9 +75,8 @@ def make_plan(experiment: Experiment, scale: str = "quick", seeds: int = 1, only
         output_dir: default ``results/<name>``.
 
     Raises:
-        ExperimentError: ``seeds`` outside 1..:data:`MAX_SEEDS`, an empty ``output_dir``, or a pattern of ``only``
-            that is empty or matches no cell.
-        ConfigError: ``output_dir`` is a file, lies under one, or cannot be written.
+        ExperimentError: ``seeds`` outside 1..:data:`MAX_SEEDS`, an empty ``output_dir`` or one with a control
+            character or not UTF-8, or a pattern of ``only`` that is empty or matches no cell.
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
         raise ExperimentError(f"--seeds must be an integer from 1 to {MAX_SEEDS}, got {seeds!r}")
@@ -83,25 +85,55 @@ def make_plan(experiment: Experiment, scale: str = "quick", seeds: int = 1, only
         cells = _select(experiment, cells, only)
     if output_dir is not None and not str(output_dir).strip():
         raise ExperimentError(f"--output-dir is empty; allowed: a directory path (default results/{experiment.name})")
-    if output_dir is not None and any(ord(ch) < 32 for ch in str(output_dir)):
-        raise ExperimentError(f"--output-dir {str(output_dir)!r} holds a control character (a line break breaks "
-                              "--print-commands' one line per run); allowed: a path without control characters")
+    if output_dir is not None:
+        _check_path_text(str(output_dir))
     out = Path(output_dir) if output_dir is not None else Path("results") / experiment.name
-    check_output_dir(out)
     return Plan(experiment, scale, list(range(seeds)), out, data_root, cells)
+
+
+def _check_path_text(text: str) -> None:
+    """Refuse an ``--output-dir`` with a control character (a line break would split ``--print-commands``' one
+    line per run) or one that is not UTF-8 (the run files and reports are)."""
+    if any(ord(ch) < 32 or ord(ch) == 127 or ch in "\u2028\u2029" for ch in text):
+        raise ExperimentError(f"--output-dir {text!r} holds a control character or line separator; allowed: a "
+                              "path without them")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ExperimentError(f"--output-dir {text!r} is not UTF-8; allowed: a UTF-8 path") from None
+
+
+def check_output(plan: Plan, *, writing: bool) -> None:
+    """Refuse an output directory that cannot hold the plan's runs: a file, under a file, a broken link, run
+    files whose paths would be too long, and, with ``writing``, one this user cannot create or write.
+
+    Raises:
+        ConfigError: naming the directory and what is allowed.
+    """
+    check_output_dir(plan.output_dir, writable=writing)
+    runs = [run_dir(plan, cell, seed) / "checkpoint.prev.pt" for cell in plan.cells for seed in plan.seeds_of(cell)]
+    longest = max(runs, key=lambda path: len(str(path)), default=None)
+    if longest is not None and len(str(longest).encode("utf-8")) >= PATH_MAX:
+        raise ConfigError("output_dir", f"--output-dir is too long: its run files (e.g. {longest.name} of "
+                                        f"{longest.parent.relative_to(plan.output_dir)}) would pass {PATH_MAX} "
+                                        "bytes; allowed: a shorter path")
 
 
 def _select(experiment: Experiment, cells: list[Cell], only: str) -> list[Cell]:
     """The cells matching any pattern of ``only``; every pattern must match at least one cell."""
     patterns = [p.strip() for p in only.split(",")]
-    allowed = (f"allowed: comma-separated patterns on COLUMN/ROW with columns "
-               f"{', '.join(dict.fromkeys(c.column for c in cells))} and rows "
-               f"{', '.join(dict.fromkeys(c.row for c in cells))}, e.g. '{cells[0].column}/*'")
+    if len(cells) <= 24:
+        ids = f"the cells {', '.join(c.id for c in cells)}"
+    else:
+        ids = (f"cells COLUMN/ROW of the columns {', '.join(dict.fromkeys(c.column for c in cells))} and the rows "
+               f"{', '.join(dict.fromkeys(c.row for c in cells))} (not every pair is a cell: --list shows them)")
+    allowed = f"allowed: comma-separated shell patterns on {ids}, e.g. '{cells[0].column}/*'"
     if not all(patterns):
         raise ExperimentError(f"--only {only!r} holds an empty pattern; {allowed}")
     unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(c.id, p) for c in cells)]
     if unmatched:
-        raise ExperimentError(f"--only: {', '.join(map(repr, unmatched))} matches no cell of {experiment.name}; "
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise ExperimentError(f"--only: {', '.join(map(repr, unmatched))} {verb} no cell of {experiment.name}; "
                               f"{allowed}")
     return [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
 
@@ -117,7 +149,7 @@ def table_plan(plan: Plan) -> Plan:
         if cell.id in selected:
             continue
         folder = plan.scale_dir / cell.column / cell.row
-        on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isdigit()
+        on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()
                          and (d / "config.json").exists()) if folder.is_dir() else []
         if on_disk and on_disk != plan.seeds:
             cell_seeds[cell.id] = on_disk
@@ -198,7 +230,7 @@ def read_record(path: Path) -> dict[str, Any]:
         value = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         reason = err.strerror or str(err)
-    except (UnicodeDecodeError, ValueError) as err:  # json.JSONDecodeError is a ValueError
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:  # json.JSONDecodeError is a ValueError
         reason = f"not valid JSON: {err}"
     else:
         if isinstance(value, dict):
@@ -218,18 +250,42 @@ def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path) -> str:
         ExperimentError: its ``config.json`` (or the record saying how it ended) is damaged.
     """
     state = run_state(path).state
-    read_record(path / ("final.json" if state == "done" else "diverged.json"))
+    record = read_record(path / ("final.json" if state == "done" else "diverged.json"))
+    if state == "done":
+        finished_value(record, plan.experiment.metric, path)
+    if not (path / "config.json").is_file():
+        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} holds a {'finished' if state == 'done' else 'diverged'} "
+                              "run without config.json, so its settings cannot be checked; delete it to run the "
+                              "cell again")
     saved = read_record(path / "config.json")
     current = run_config(plan, cell, seed).to_dict()
     return "; ".join(f"{key}: run {saved[key]!r}, file {current[key]!r}" for key in current
                      if key not in NOT_RESULT_KEYS and key in saved and saved[key] != current[key])
 
 
+def finished_value(final: dict[str, Any], metric: str, path: Path) -> float | None:
+    """The table's value of one finished run from its ``final.json``: test error in %, or box AP in % for
+    ``metric == "ap"``; selected at the best validation epoch where the run held out a validation split.
+
+    Returns:
+        The value, or None when the run never evaluated (e.g. ``eval_every`` beyond its epochs).
+
+    Raises:
+        ExperimentError: the value is there but not a finite number (a damaged ``final.json``).
+    """
+    key = ("final_ap" if metric == "ap" else "test_error_at_best" if final.get("selected_by") == "val_error"
+           else "best_test_error" if metric == "best_test_error" else "final_test_error")
+    value = final.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ExperimentError(f"{path / 'final.json'} is damaged ({key} is {value!r}, not a finite number); "
+                              f"delete {path} to run it again")
+    return 100.0 * value if metric == "ap" else float(value)
+
+
 def _check_not_stale(plan: Plan, cell: Cell, seed: int, path: Path) -> None:
     """Refuse a finished or diverged run directory made with other settings than the file now gives."""
-    if not (path / "config.json").is_file():
-        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} holds a finished run without config.json, so "
-                              "its settings cannot be checked; delete it to run the cell again")
     differences = stale_reason(plan, cell, seed, path)
     if differences:
         raise ExperimentError(f"cell {cell.id} seed {seed}: {path} was made with other settings than "
@@ -260,14 +316,18 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
     A run that diverges writes ``diverged.json`` beside its last good checkpoint and the table goes on.
 
     Raises:
-        ExperimentError: a run directory made with other settings than the file's.
+        ExperimentError: a finished run directory made with other settings than the file's.
+        ConfigError: the output directory cannot hold the runs.
         Anything the training raises other than divergence (e.g. KeyboardInterrupt): the checkpoint is kept.
     """
     from ..engine import TrainingDiverged, train
+    from ..engine.checkpoint import write_text_atomic
     from ..engine.distributed import detect
 
     main = detect().is_main
-    work = pending_runs(plan, check=True)  # decided once, before any training: every torchrun process agrees
+    check_output(plan, writing=True)
+    check_finished(table_plan(plan))  # the whole table, before any training: a refusal costs nothing yet
+    work = pending_runs(plan)  # decided once, before any training: every torchrun process agrees
     if not work and main:
         log(f"{plan.experiment.name}: nothing to train in {plan.scale_dir}: every selected run is finished or "
             "diverged, or its method or data is missing")
@@ -281,30 +341,26 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
             train(config, on_step=on_step)
         except TrainingDiverged as err:
             if main:
-                (Path(config.output_dir) / "diverged.json").write_text(json.dumps({"message": str(err)}) + "\n")
-                log(f"  {cell.id} seed {seed}: {err}")
+                message = (f"{err.cause}; the run and its last good checkpoint are kept in {config.output_dir}. To "
+                           f"run the cell again, lower its lr in {plan.experiment.path.name} and delete that "
+                           "directory")
+                write_text_atomic(Path(config.output_dir) / "diverged.json", json.dumps({"message": message}) + "\n")
+                log(f"  {cell.id} seed {seed}: {message}")
         except ConfigError as err:  # e.g. resuming a checkpoint written with other settings
             raise ExperimentError(f"cell {cell.id} seed {seed}: {err.reason}") from None
 
 
-def pending_runs(plan: Plan, check: bool = False) -> list[tuple[Cell, int, RunState]]:
-    """The (cell, seed, state) still to train: runnable cells with data, neither finished nor diverged.
-
-    Args:
-        check: also check that every finished or diverged run was made with the cell's current settings.
-    """
+def pending_runs(plan: Plan) -> list[tuple[Cell, int, RunState]]:
+    """The (cell, seed, state) still to train: runnable cells with data, neither finished nor diverged (those are
+    checked against their cells by :func:`check_finished`)."""
     work = []
     for cell in plan.cells:
         if cell.missing or data_missing(cell, plan.data_root):
             continue
         for seed in plan.seeds:
-            path = run_dir(plan, cell, seed)
-            state = run_state(path)
-            if state.state in ("done", "diverged"):
-                if check:
-                    _check_not_stale(plan, cell, seed, path)
-                continue
-            work.append((cell, seed, state))
+            state = run_state(run_dir(plan, cell, seed))
+            if state.state not in ("done", "diverged"):
+                work.append((cell, seed, state))
     return work
 
 
@@ -317,6 +373,8 @@ def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
     """
     from ..engine.config import as_toml, load_toml
 
+    check_output(plan, writing=True)
+    check_finished(table_plan(plan))
     commands = []
     for cell, seed, state in pending_runs(plan):
         path = run_dir(plan, cell, seed)

@@ -50,7 +50,7 @@ _KEYS = {
     "cell": {"row", "column", "published", "source", "status", "config", "scales", "note", "pending"},
     "claim": {"id", "text", "kind", "cells", "margin", "tolerance", "threshold"},
 }
-_ID = re.compile(r"^[a-z0-9_]+$")
+_ID = re.compile(r"[a-z0-9_]+")
 
 #: a config key whose value names something that must be registered -> the keys that go with it
 _IMPLEMENTATION_KEYS = {"rule": ("rule", "rule_options"), "rule_options": ("rule_options",),
@@ -265,7 +265,7 @@ def _check_structure(experiment: Experiment, where: str) -> None:
             what = f"[[{kind}]] #{i + 1}"
             _check_keys(entry, "axis", where, what)
             ident = entry.get("id")
-            if not isinstance(ident, str) or not _ID.match(ident):
+            if not isinstance(ident, str) or not _ID.fullmatch(ident):
                 raise ExperimentError(f"{where}: {what}: id {ident!r} must match [a-z0-9_]+")
             what = f"{kind[:-1]} {ident!r}"
             if ident in seen:
@@ -324,7 +324,7 @@ def _check_claims(entries: Any, where: str) -> list[Claim]:
     for i, entry in enumerate(entries):
         _check_keys(entry, "claim", where, f"[[claims]] #{i + 1}")
         ident = entry.get("id")
-        if not isinstance(ident, str) or not _ID.match(ident) or ident in seen:
+        if not isinstance(ident, str) or not _ID.fullmatch(ident) or ident in seen:
             raise ExperimentError(f"{where}: [[claims]] #{i + 1}: id {ident!r} must be unique and match [a-z0-9_]+")
         seen.add(ident)
         what = f"claim {ident!r}"

@@ -68,7 +68,7 @@ def _read_json(path: Path, notes: list[str]) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         notes.append(f"{path.name} is not valid JSON ({exc})")
         return {}
     if not isinstance(value, dict):
@@ -114,7 +114,7 @@ def _read_log(log: Path, notes: list[str]) -> list[dict[str, Any]]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # JSONDecodeError, a too-long integer, deep nesting
                 bad += 1
                 continue
             if isinstance(record, dict):
