@@ -2,8 +2,11 @@
 process with a batch of 64, and only rank 0 writes the run directory."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,3 +74,24 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
             assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
     final_b = (ddp_runs / f"ddp-{rule}" / "final.json").read_text()
     assert '"world_size": 2' in final_b and single["world_size"] == 1
+
+
+def test_reproduce_under_torchrun_trains_every_cell_in_one_process_group(tmp_path):
+    """Several cells in one ``bioprop reproduce`` under torchrun: the runs share one process group. (A fresh group
+    per run met the previous group's addresses in torchrun's store and hung on the second cell.)"""
+    from test_reproduce import tiny_file
+    path = tiny_file(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "bioprop", "reproduce", str(path), "--scale", "smoke", "--only", "digits/*",
+                           "--output-dir", str(out), "--no-report", "--no-progress"],
+                          capture_output=True, text=True, timeout=240, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = json.loads((out / "smoke" / "results.json").read_text())
+    status = {c["id"]: c["status"] for c in table["cells"]}
+    assert status == {"digits/bp": "done", "digits/fa": "done", "wide/fa": "not run",
+                      "digits/future": "method not implemented"}
+    for row in ("bp", "fa"):
+        final = json.loads((out / "smoke" / "digits" / row / "s0" / "final.json").read_text())
+        assert final["world_size"] == 2

@@ -80,12 +80,25 @@ def choose_device(name: str, env: DistEnv) -> torch.device:
     return torch.device(name)
 
 
-def setup(env: DistEnv, device: torch.device) -> None:
-    """Join the process group when running under torchrun (a no-op for a single process)."""
-    if env.distributed and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
-                                **({"device_id": device} if device.type == "cuda" else {}))
+def setup(env: DistEnv, device: torch.device) -> bool:
+    """Join the process group when running under torchrun (a no-op for a single process, or when this process
+    is already in one).
+
+    Returns:
+        True when this call joined the group: the caller then leaves it with :func:`teardown`.
+    """
+    if not env.distributed or dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return True
+
+
+def barrier(env: DistEnv) -> None:
+    """Wait until every process gets here (a no-op for a single process)."""
+    if env.distributed:
+        dist.barrier()
 
 
 def teardown(env: DistEnv) -> None:

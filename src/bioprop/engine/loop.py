@@ -97,8 +97,7 @@ def train(config: TrainConfig, *, on_step: Callable[[StepInfo], None] | None = N
     check_values(config)
     env = dist_utils.detect()
     device = dist_utils.choose_device(config.device, env)
-    owns_group = env.distributed and not torch.distributed.is_initialized()
-    dist_utils.setup(env, device)
+    owns_group = dist_utils.setup(env, device)
     run: Any = None
     try:
         task = create_task(config.task)

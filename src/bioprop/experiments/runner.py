@@ -13,6 +13,7 @@ epoch in progress.
 from __future__ import annotations
 
 import fnmatch
+import gc
 import json
 import math
 import shlex
@@ -320,17 +321,36 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
         ConfigError: the output directory cannot hold the runs.
         Anything the training raises other than divergence (e.g. KeyboardInterrupt): the checkpoint is kept.
     """
-    from ..engine import TrainingDiverged, train
-    from ..engine.checkpoint import write_text_atomic
-    from ..engine.distributed import detect
+    from ..engine import distributed as dist_utils
 
-    main = detect().is_main
+    env = dist_utils.detect()
     check_output(plan, writing=True)
     check_finished(table_plan(plan))  # the whole table, before any training: a refusal costs nothing yet
     work = pending_runs(plan)  # decided once, before any training: every torchrun process agrees
-    if not work and main:
-        log(f"{plan.experiment.name}: nothing to train in {plan.scale_dir}: every selected run is finished or "
-            "diverged, or its method or data is missing")
+    if not work:
+        if env.is_main:
+            log(f"{plan.experiment.name}: nothing to train in {plan.scale_dir}: every selected run is finished or "
+                "diverged, or its method or data is missing")
+        return
+    # Under torchrun one process group serves every run (train() joins a group it finds and leaves it open):
+    # joining a fresh group for each run would meet the previous group's stale addresses.
+    device = dist_utils.choose_device(run_config(plan, work[0][0], work[0][1]).device, env)
+    owns_group = dist_utils.setup(env, device)
+    try:
+        _train_each(plan, work, env.is_main, verbose, on_step, log)
+        dist_utils.barrier(env)  # every rank sees rank 0's final.json before it reads the table
+    finally:
+        if owns_group:
+            gc.collect()  # free each run's DDP reducer before its group goes (see engine.train)
+            dist_utils.teardown(env)
+
+
+def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, verbose: bool,
+                on_step: Callable[[Any], None] | None, log: Callable[[str], None]) -> None:
+    """Train the (cell, seed) pairs of ``work`` one after another (see :func:`execute`)."""
+    from ..engine import TrainingDiverged, train
+    from ..engine.checkpoint import write_text_atomic
+
     for i, (cell, seed, state) in enumerate(work, 1):
         config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
                             progress=verbose)
