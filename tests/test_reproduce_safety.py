@@ -261,6 +261,7 @@ def test_an_experiment_path_that_is_a_directory_or_not_utf8_is_refused(tmp_path:
 @pytest.mark.parametrize("extra, message", [
     (["--output-dir", ""], "--output-dir is empty; allowed: a directory path"),
     (["--output-dir", "{file}"], "output_dir {file} is a file; allowed: a directory"),
+    (["--output-dir", "rep\udcffx"], "--output-dir 'rep\\udcffx' is not UTF-8; allowed: a UTF-8 path"),
     (["--tsne-dataset", "mnist"], "--tsne-dataset needs --tsne"),
     (["--tsne", "--tsne-dataset", "mnsit"], "--tsne-dataset 'mnsit' is not a data set; allowed: "),
 ])

@@ -291,8 +291,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         _fail(f"RUN_DIR: not a run directory (no metrics.jsonl): {', '.join(missing)}", code=2)
     if not args.output_dir.strip():
         _fail("--output-dir is empty; allowed: a directory path (default results/report)", code=2)
+    from .engine.rundir import check_output_dir, check_path_text, make_output_dir
+    check_path_text(args.output_dir)
     out = Path(args.output_dir)
-    from .engine.rundir import check_output_dir, make_output_dir
     check_output_dir(out)
     if args.tsne_dataset is not None:
         if not args.tsne:

@@ -18,7 +18,8 @@ from typing import Any
 from .checkpoint import CheckpointError, RunWarning, check_same_run, load_run_checkpoint
 from .config import ConfigError, TrainConfig
 
-__all__ = ["RUN_FILES", "LOCK_NAME", "run_files", "check_output_dir", "make_output_dir", "remove_run_files",
+__all__ = ["RUN_FILES", "LOCK_NAME", "run_files", "check_output_dir", "check_path_text", "make_output_dir",
+           "remove_run_files",
            "RunLock", "resume_checkpoint", "divergence_advice", "refuse_existing"]
 
 #: every file a run writes; any of them present means the directory already holds a run
@@ -60,6 +61,22 @@ def check_output_dir(out: Path, writable: bool = True) -> None:
     except OSError as err:
         raise ConfigError("output_dir", f"output_dir {_short(out)} is not a valid path here: "
                                         f"{err.strerror or err}; allowed: a directory path") from None
+
+
+def check_path_text(text: str, flag: str = "--output-dir") -> None:
+    """Refuse a path given on the command line with a control character or line separator (a line break would
+    split a printed command over two lines) or one that is not UTF-8 (run files and reports are).
+
+    Raises:
+        ConfigError: naming ``flag`` and what is allowed.
+    """
+    if any(ord(ch) < 32 or ord(ch) == 127 or ch in "\u2028\u2029" for ch in text):
+        raise ConfigError("output_dir", f"{flag} {text!r} holds a control character or line separator; allowed: "
+                                        "a path without them")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("output_dir", f"{flag} {text!r} is not UTF-8; allowed: a UTF-8 path") from None
 
 
 def _short(path: Path, limit: int = 120) -> str:

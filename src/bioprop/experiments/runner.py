@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..engine.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_from_dict
-from ..engine.rundir import check_output_dir, make_output_dir
+from ..engine.rundir import check_output_dir, check_path_text, make_output_dir
 from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
@@ -76,8 +76,9 @@ def make_plan(experiment: Experiment, scale: str = "quick", seeds: int = 1, only
         output_dir: default ``results/<name>``.
 
     Raises:
-        ExperimentError: ``seeds`` outside 1..:data:`MAX_SEEDS`, an empty ``output_dir`` or one with a control
-            character or not UTF-8, or a pattern of ``only`` that is empty or matches no cell.
+        ExperimentError: ``seeds`` outside 1..:data:`MAX_SEEDS`, an empty ``output_dir``, or a pattern of
+            ``only`` that is empty or matches no cell.
+        ConfigError: ``output_dir`` with a control character or not UTF-8.
     """
     if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
         raise ExperimentError(f"--seeds must be an integer from 1 to {MAX_SEEDS}, got {seeds!r}")
@@ -87,21 +88,9 @@ def make_plan(experiment: Experiment, scale: str = "quick", seeds: int = 1, only
     if output_dir is not None and not str(output_dir).strip():
         raise ExperimentError(f"--output-dir is empty; allowed: a directory path (default results/{experiment.name})")
     if output_dir is not None:
-        _check_path_text(str(output_dir))
+        check_path_text(str(output_dir))
     out = Path(output_dir) if output_dir is not None else Path("results") / experiment.name
     return Plan(experiment, scale, list(range(seeds)), out, data_root, cells)
-
-
-def _check_path_text(text: str) -> None:
-    """Refuse an ``--output-dir`` with a control character (a line break would split ``--print-commands``' one
-    line per run) or one that is not UTF-8 (the run files and reports are)."""
-    if any(ord(ch) < 32 or ord(ch) == 127 or ch in "\u2028\u2029" for ch in text):
-        raise ExperimentError(f"--output-dir {text!r} holds a control character or line separator; allowed: a "
-                              "path without them")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ExperimentError(f"--output-dir {text!r} is not UTF-8; allowed: a UTF-8 path") from None
 
 
 def check_output(plan: Plan, *, writing: bool) -> None:
