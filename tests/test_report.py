@@ -17,6 +17,7 @@ from torch import nn
 import bioprop
 from bioprop import metrics
 from bioprop.report import FIGURE_IDS, TsneFeatures, hidden_features, load_run, train_tsne_features, write_report
+from bioprop.report.runs import label_runs
 
 
 def write_run(root: Path, rule: str, *, epochs: int = 3, steps_per_epoch: int = 4, analysis: bool = True,
@@ -133,6 +134,25 @@ def test_labels_distinguish_runs(tmp_path: Path) -> None:
     b = write_run(tmp_path / "b", "fa", seed=1, epochs=1, analysis=False)
     page = write_report([a, b], tmp_path / "out").read_text()
     assert "fa [seed 0]" in page and "fa [seed 1]" in page
+
+
+def test_labels_name_the_rule_options_and_constraints_that_differ(tmp_path: Path) -> None:
+    """Three usf runs that differ in their options and constraints (moskovitz2018's Init., SN and E/I) get three
+    names, not three copies of "usf"; given labels replace them."""
+    variants = [({"norm": "init"}, []), ({"norm": "sn"}, []), ({"norm": "init"}, ["fixed_sign"])]
+    runs = []
+    for i, (options, constraints) in enumerate(variants):
+        run = write_run(tmp_path / str(i), "usf", epochs=1, analysis=False)
+        config = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**config, "rule_options": options, "constraints": constraints}))
+        runs.append(load_run(run))
+    label_runs(runs)
+    assert [r.label for r in runs] == ["usf [norm=init; no constraints]", "usf [norm=sn; no constraints]",
+                                       "usf [norm=init; fixed_sign]"]
+    label_runs(runs, ["Init.", "SN", "Init. E/I"])
+    assert [r.label for r in runs] == ["Init.", "SN", "Init. E/I"]
+    with pytest.raises(ValueError, match="labels: 2 given for 3 runs"):
+        label_runs(runs, ["Init.", "SN"])
 
 
 def test_hidden_features_are_the_output_layer_input() -> None:

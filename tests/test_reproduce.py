@@ -292,6 +292,8 @@ def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "1 not run" in out  # wide/fa: outside --only, still in the table
     report = tmp_path / "out" / "smoke" / "report" / "digits" / "report.html"
     assert report.is_file() and "report/digits/report.html" in (tmp_path / "out" / "smoke" / "results.md").read_text()
+    page = report.read_text()
+    assert "<li>BP: <code>" in page and "<li>FA: <code>" in page  # runs named by their row labels
     assert main(argv + ["--dry-run"]) == 0
     dry = capsys.readouterr().out
     assert "s0: skip (finished)" in dry and "s0: start" in dry  # digits/* ran, wide/fa did not

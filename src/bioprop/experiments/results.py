@@ -233,24 +233,25 @@ def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
 
 
 def write_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
-    """One ``bioprop report`` per column over its finished seed-0 runs (the figures compare the rows),
-    written to ``<scale dir>/report/<column>/report.html``.
+    """One ``bioprop report`` per column over the first finished seed of each row (the figures compare the rows,
+    each named by its row label), written to ``<scale dir>/report/<column>/report.html``.
 
     Returns:
         column label -> report path relative to the scale directory, for the columns with a finished run.
     """
     from ..report import write_report
 
-    by_column: dict[str, list[Path]] = {}
+    by_column: dict[str, list[tuple[Path, str]]] = {}
     labels: dict[str, str] = {}
     for c in table["cells"]:
         finished = [r for r in c["runs"] if r["state"] == "done"]
         if finished:
-            by_column.setdefault(c["column"], []).append(plan.scale_dir / finished[0]["run_dir"])
+            by_column.setdefault(c["column"], []).append((plan.scale_dir / finished[0]["run_dir"], c["row_label"]))
             labels[c["column"]] = c["column_label"]
     reports = {f"claim {ident}": path for ident, path in write_claim_figures(table, plan.scale_dir).items()}
     for column, runs in by_column.items():
-        path = write_report(runs, plan.scale_dir / "report" / column,
-                            title=f"{table['title']}: {labels[column]} ({table['scale']} scale)")
+        path = write_report([run for run, _ in runs], plan.scale_dir / "report" / column,
+                            title=f"{table['title']}: {labels[column]} ({table['scale']} scale)",
+                            labels=[label for _, label in runs])
         reports[labels[column]] = str(path.relative_to(plan.scale_dir))
     return reports

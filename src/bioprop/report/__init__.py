@@ -71,7 +71,8 @@ def _png(fig: Any) -> bytes:
 
 def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, *,
                  tsne: bool | Mapping[str, TsneFeatures] = False, tsne_dataset: str = "digits",
-                 tsne_rules: Sequence[str] = ("backprop", "dfa"), title: str = "bioprop report") -> Path:
+                 tsne_rules: Sequence[str] = ("backprop", "dfa"), title: str = "bioprop report",
+                 labels: Sequence[str] | None = None) -> Path:
     """Write ``report.html`` (figures embedded as base64 PNG) and one PNG per figure into ``out_dir``.
 
     Args:
@@ -83,17 +84,19 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, *,
         tsne_dataset: data set of the t-SNE nets.
         tsne_rules: rules of the t-SNE nets.
         title: the page title.
+        labels: one name per run for the figures (default: the rule, plus the settings that differ between runs).
 
     Returns:
         The path of ``report.html``.
 
     Raises:
-        ValueError: if no run directory is given, or one does not exist or is not a run directory.
+        ValueError: if no run directory is given, or one does not exist or is not a run directory, or ``labels``
+            does not give one label per run.
     """
     runs = [load_run(path) for path in run_dirs]
     if not runs:
         raise ValueError("write_report needs at least one run directory")
-    label_runs(runs)
+    label_runs(runs, labels)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plt = pyplot()

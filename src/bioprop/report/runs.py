@@ -141,18 +141,39 @@ def _attach_layers(run: RunData, side: Path) -> None:
             record["metrics"] = layers[(record.get("epoch"), record.get("step"))]
 
 
-def label_runs(runs: list[RunData]) -> None:
-    """Name each run by its rule, adding the settings that differ between runs, then the directory if needed."""
+#: the settings that name a run in a report when they differ between its runs, in this order
+LABEL_KEYS = ("model", "dataset", "optimizer", "lr", "rule_options", "constraints", "seed")
+
+
+def _setting(key: str, value: Any) -> str:
+    """One setting for a label: ``seed 1``, ``norm=init``, ``fixed_sign+constant_norm``, ``lr 0.001``."""
+    if key == "seed" or key == "lr":
+        return f"{key} {value}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "no options"
+    if isinstance(value, list):
+        return "+".join(map(str, value)) or "no constraints"
+    return str(value)
+
+
+def label_runs(runs: list[RunData], labels: Sequence[str] | None = None) -> None:
+    """Name each run: by ``labels`` when given (one per run), else by its rule, adding the settings of
+    :data:`LABEL_KEYS` that differ between runs, then the directory if two names are still the same."""
     def describe(run: RunData) -> str:
         rule = str(run.get("rule", "?"))
         last = run.config.get("last_layer")
         return f"{rule} (last layer {last})" if last else rule
 
-    varying = [key for key in ("model", "dataset", "optimizer", "seed")
-               if len({json.dumps(r.get(key), sort_keys=True) for r in runs}) > 1]
-    for run in runs:
-        extra = ", ".join(f"{run.get(key)}" if key != "seed" else f"seed {run.get(key)}" for key in varying)
-        run.label = describe(run) + (f" [{extra}]" if extra else "")
+    if labels is not None:
+        if len(labels) != len(runs):
+            raise ValueError(f"labels: {len(labels)} given for {len(runs)} runs; allowed: one label per run")
+        for run, label in zip(runs, labels):
+            run.label = str(label)
+    else:
+        varying = [key for key in LABEL_KEYS if len({json.dumps(r.get(key), sort_keys=True) for r in runs}) > 1]
+        for run in runs:
+            extra = "; ".join(_setting(key, run.get(key)) for key in varying)
+            run.label = describe(run) + (f" [{extra}]" if extra else "")
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.label] = counts.get(run.label, 0) + 1
