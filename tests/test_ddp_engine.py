@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,11 +84,19 @@ def test_reproduce_under_torchrun_trains_every_cell_in_one_process_group(tmp_pat
     path = tiny_file(tmp_path)
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "bioprop", "reproduce", str(path), "--scale", "smoke", "--only", "digits/*",
-                           "--output-dir", str(out), "--no-report", "--no-progress"],
-                          capture_output=True, text=True, timeout=240, env=env)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # its own session, so that a hang is ended with every worker torchrun started, not only torchrun itself
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", "-m", "bioprop", "reproduce", str(path), "--scale", "smoke", "--only",
+                                 "digits/*", "--output-dir", str(out), "--no-report", "--no-progress"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                                start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail("bioprop reproduce under torchrun hung (killed after 240 s)")
+    assert launcher.returncode == 0, stderr[-2000:]
     table = json.loads((out / "smoke" / "results.json").read_text())
     status = {c["id"]: c["status"] for c in table["cells"]}
     assert status == {"digits/bp": "done", "digits/fa": "done", "wide/fa": "not run",

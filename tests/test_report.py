@@ -17,7 +17,7 @@ from torch import nn
 import bioprop
 from bioprop import metrics
 from bioprop.report import FIGURE_IDS, TsneFeatures, hidden_features, load_run, train_tsne_features, write_report
-from bioprop.report.runs import label_runs
+from bioprop.report.runs import RunData, label_runs
 
 
 def write_run(root: Path, rule: str, *, epochs: int = 3, steps_per_epoch: int = 4, analysis: bool = True,
@@ -153,6 +153,31 @@ def test_labels_name_the_rule_options_and_constraints_that_differ(tmp_path: Path
     assert [r.label for r in runs] == ["Init.", "SN", "Init. E/I"]
     with pytest.raises(ValueError, match="labels: 2 given for 3 runs"):
         label_runs(runs, ["Init.", "SN"])
+
+
+def test_labels_compare_settings_within_a_rule_and_stay_distinct(tmp_path: Path) -> None:
+    """Only the runs of one rule are compared (a lone bp beside two usf variants stays "bp", not "bp [no
+    options]"), and names still shared take the shortest distinct end of their path, not "s0" twice."""
+    def run_with(folder: Path, rule: str, **settings: object) -> RunData:
+        path = write_run(folder, rule, epochs=1, analysis=False)
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, **settings}))
+        return load_run(path)
+
+    runs = [run_with(tmp_path / "bp", "backprop", rule_options={}),
+            run_with(tmp_path / "u1", "usf", rule_options={"norm": "init"}),
+            run_with(tmp_path / "u2", "usf", rule_options={"norm": "sn"})]
+    label_runs(runs)
+    assert [r.label for r in runs] == ["backprop", "usf [norm=init]", "usf [norm=sn]"]
+    same = [run_with(tmp_path / column / "bp" / "s0", "backprop") for column in ("mnist", "cifar")]
+    same.append(run_with(tmp_path / "mnist" / "fa" / "s0", "fa"))
+    label_runs(same)
+    assert [r.label for r in same] == ["backprop (mnist/bp/s0/backprop)", "backprop (cifar/bp/s0/backprop)", "fa"]
+    label_runs(same, ["BP", "BP", "FA"])  # given labels that repeat are told apart the same way
+    assert [r.label for r in same] == ["BP (mnist/bp/s0/backprop)", "BP (cifar/bp/s0/backprop)", "FA"]
+    twice = [load_run(same[2].path), load_run(same[2].path)]
+    label_runs(twice)
+    assert len({r.label for r in twice}) == 2 and twice[0].label.endswith(" #1)")
 
 
 def test_hidden_features_are_the_output_layer_input() -> None:

@@ -74,6 +74,68 @@ def test_a_diverged_run_made_with_another_lr_is_refused_and_printing_options_do_
     assert "(lr: run 0.05, file 0.02)" in error_line(capsys)
 
 
+@pytest.mark.parametrize("damage_checkpoint", [False, True])
+def test_an_interrupted_run_made_with_other_settings_is_refused_before_it_resumes(
+        tmp_path: Path, capsys: pytest.CaptureFixture, damage_checkpoint: bool) -> None:
+    from bioprop.experiments import execute, make_plan
+
+    path = tiny_file(tmp_path)
+    out = tmp_path / "out"
+
+    class Killed(Exception):
+        pass
+
+    def kill(info: object) -> None:
+        if getattr(info, "step") == 6:  # mid-epoch 2 of digits/bp (4 steps per epoch): epoch 1's checkpoint stays
+            raise Killed
+
+    with pytest.raises(Killed):
+        execute(make_plan(load_experiment(path), "quick", 1, "digits/bp", out), verbose=False, on_step=kill,
+                log=lambda _: None)
+    run = out / "quick" / "digits" / "bp" / "s0"
+    if damage_checkpoint:  # unreadable: the settings are read from config.json instead
+        (run / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = (run / "checkpoint.pt").read_bytes()
+    path.write_text(TINY.replace("lr = 0.05", "lr = 0.01", 1))  # a lower lr: the engine itself would resume
+    quick = ["reproduce", str(path), "--scale", "quick", "--only", "digits/bp", "--output-dir", str(out),
+             "--no-report", "--no-progress"]
+    assert main(quick) == 2
+    line = error_line(capsys)
+    assert (f"cell digits/bp seed 0: {run} holds an interrupted run (resuming it would mix two settings in one "
+            "run) made with other settings than tiny.toml gives (lr: run 0.05, file 0.01)") in line
+    assert (run / "checkpoint.pt").read_bytes() == before and not (run / "final.json").exists()
+    assert main(quick + ["--print-commands"]) == 2 and "(lr: run 0.05, file 0.01)" in error_line(capsys)
+    assert main(quick + ["--dry-run"]) == 0
+    assert f"s0: refuse (made with other settings: lr: run 0.05, file 0.01) -> {run}" in capsys.readouterr().out
+    table = collect(path, "quick", only="digits/bp", output_dir=out, report=False)  # reads finished runs only
+    assert table["cells"][0]["status"] == "not run"
+    path.write_text(TINY)  # the file's settings again: the run resumes and finishes
+    if not damage_checkpoint:
+        assert main(quick) == 0 and (run / "final.json").is_file()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_a_device_the_machine_lacks_is_refused_naming_the_cell(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tiny_file(tmp_path, TINY.replace('row = "fa"', 'row = "fa"\nconfig = { device = "cuda" }', 1))
+    out = tmp_path / "out"
+    assert main(["reproduce", str(path), "--scale", "smoke", "--only", "digits/fa", "--output-dir", str(out),
+                 "--no-report", "--no-progress"]) == 2
+    assert error_line(capsys) == ("bioprop: error: cell digits/fa: device 'cuda' asked for, but torch sees no CUDA "
+                                  "GPU; allowed here: auto, cpu")
+    assert not (out / "smoke" / "digits" / "fa" / "s0").exists()
+
+
+def test_under_torchrun_cells_with_different_devices_are_refused_before_any_group_forms(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bioprop.engine import distributed
+    path = tiny_file(tmp_path, TINY.replace('row = "fa"', 'row = "fa"\nconfig = { device = "cpu" }', 1))
+    monkeypatch.setattr(distributed, "detect", lambda: distributed.DistEnv(rank=0, world_size=2))
+    monkeypatch.setattr(distributed, "setup", lambda *_: pytest.fail("a process group was joined"))
+    with pytest.raises(ExperimentError, match=r"the selected cells ask for different devices \(auto: digits/bp, "
+                                              r"wide/fa; cpu: digits/fa\); run them in separate calls with --only"):
+        reproduce(path, "smoke", output_dir=tmp_path / "out", report=False, verbose=False, log=quiet)
+
+
 # ------------------------------------------------------------------------------------------ damaged records
 
 
@@ -183,8 +245,9 @@ def test_a_diverged_cell_says_to_lower_the_files_lr_not_to_resume(tmp_path: Path
     run = tmp_path / "out" / "smoke" / "digits" / "bp" / "s0"
     message = json.loads((run / "diverged.json").read_text())["message"]
     assert message.startswith("training diverged in epoch 1: ")
-    assert message.endswith(f"are kept in {run}. To run the cell again, lower its lr in tiny.toml and delete that "
-                            "directory")
+    assert not (run / "checkpoint.pt").exists()  # epoch 1 never finished: no checkpoint is promised
+    assert message.endswith(f"; the run's logs are kept (it diverged before its first checkpoint) in {run}. To run "
+                            "the cell again, lower its lr in tiny.toml and delete that directory")
     assert "--resume" not in message and "--overwrite" not in message
     assert any(message in line for line in lines)
     (cell,) = [c for c in table["cells"] if c["id"] == "digits/bp"]
@@ -207,6 +270,14 @@ def test_list_and_dry_run_only_read_the_output_dir(finished: tuple[Path, Path], 
 # ------------------------------------------------------------------------------------------ bad arguments
 
 
+def _path_of_bytes(base: Path, size: int) -> str:
+    """A path under ``base`` of exactly ``size`` bytes, in components of at most 200."""
+    text = str(base)
+    while len(text) < size:
+        text += "/" + "d" * min(200, size - len(text) - 1)
+    return text
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--only", ""], "--only '' holds an empty pattern; allowed: comma-separated shell patterns on the cells "
                      "digits/bp, digits/fa, wide/fa, digits/future, e.g. 'digits/*'"),
@@ -219,8 +290,10 @@ def test_list_and_dry_run_only_read_the_output_dir(finished: tuple[Path, Path], 
     (["--output-dir", "a\u2028b", "--dry-run"], "holds a control character or line separator"),
     (["--output-dir", "nu\udcffx", "--dry-run"], "--output-dir 'nu\\udcffx' is not UTF-8; allowed: a UTF-8 path"),
     (["--output-dir", "{tmp}/dangling", "--dry-run"], "output_dir {tmp}/dangling is a broken symbolic link"),
-    (["--output-dir", "{tmp}/" + "/".join(["d" * 250] * 16), "--dry-run"],
-     "--output-dir is too long: its run files (e.g. checkpoint.prev.pt of smoke/digits/future/s0) would pass 4096"),
+    (["--output-dir", "{fits}", "--dry-run"],  # the output dir fits, the run files of its cells do not
+     "--output-dir is too long: the run files of smoke/digits/future/s0 would pass 4096 bytes; allowed: a path"),
+    (["--output-dir", "{tmp}/" + "/".join(["d" * 245] * 16), "--dry-run"],
+     "is too long: the run files in it would pass 4096 bytes; allowed: a path of at most 3935 bytes"),
     (["--output-dir", "{file}", "--print-commands"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--collect"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--dry-run"], "output_dir {file} is a file; allowed: a directory"),
@@ -234,7 +307,7 @@ def test_bad_arguments_are_refused_in_one_line(tmp_path: Path, extra: list[str],
     path = tiny_file(tmp_path)
     (tmp_path / "afile").write_text("")
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
-    fill = {"file": str(tmp_path / "afile"), "tmp": str(tmp_path)}
+    fill = {"file": str(tmp_path / "afile"), "tmp": str(tmp_path), "fits": _path_of_bytes(tmp_path, 3930)}
     extra = [e.format(**fill) for e in extra]
     assert main(["reproduce", str(path), "--scale", "smoke", *extra]) == 2
     assert message.format(**fill) in error_line(capsys)

@@ -301,3 +301,30 @@ def test_constraints_hold_exactly_after_every_engine_step_in_either_config_order
     train(small(tmp_path, epochs=1, lr=0.5, constraints=["constant_norm", "fixed_sign"]), on_step=check)
     assert steps[0] == 22
     assert clamped[0] > 0  # the sign projection did act, so the order matters
+
+
+# ------------------------------------------------------------------------------------------- atomic writes
+
+
+def test_atomic_writes_that_fail_keep_the_previous_file_and_say_why_in_one_line(tmp_path):
+    from bioprop.engine.checkpoint import write_text_atomic
+    record = tmp_path / "final.json"
+    write_text_atomic(record, '{"old": 1}\n')
+    (tmp_path / f"final.json.{os.getpid()}.tmp").mkdir()  # something that is not ours sits on the temporary name
+    with pytest.raises(CheckpointError, match=r"^cannot write .*final.json: Is a directory; the previous file "
+                                              r"there is kept") as info:
+        write_text_atomic(record, '{"new": 2}\n')
+    assert "\n" not in str(info.value) and record.read_text() == '{"old": 1}\n'
+    assert (tmp_path / f"final.json.{os.getpid()}.tmp").is_dir()  # left as it was
+    (tmp_path / f"final.json.{os.getpid()}.tmp").rmdir()
+    with pytest.raises(CheckpointError, match="File name too long"):
+        write_text_atomic(tmp_path / ("x" * 300), "text")
+    assert write_text_atomic(record, '{"new": 2}\n').read_text() == '{"new": 2}\n'
+
+    checkpoint = tmp_path / "checkpoint.pt"
+    save_checkpoint({"epoch": 1}, checkpoint)
+    (tmp_path / "checkpoint.pt.tmp").mkdir()
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*checkpoint.pt: Is a directory; the "
+                                              r"previous checkpoint there is kept"):
+        save_checkpoint({"epoch": 2}, checkpoint)
+    assert load_checkpoint(checkpoint)["epoch"] == 1

@@ -101,29 +101,53 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, previous: str | Pat
     except OSError as err:
         if err.errno is None:
             raise
-        what = "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        raise CheckpointError(f"cannot write checkpoint {path}: {what}; the previous checkpoint there is kept "
+        raise CheckpointError(f"cannot write checkpoint {path}: {_why(err)}; the previous checkpoint there is kept "
                               "(free space or pick another --output-dir, then --resume)") from None
     finally:
-        tmp.unlink(missing_ok=True)  # after a failure only; a successful rename has already consumed it
+        _discard(tmp)  # after a failure only; a successful rename has already consumed it
     return path
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file and ``os.replace``: a reader, another process
-    included, sees the old file or the new one, never a part.
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file, fsync and ``os.replace``: a reader, another
+    process included, sees the old file or the new one, never a part, and a crash right after leaves the new one.
 
     Returns:
         ``path`` as a ``Path``.
+
+    Raises:
+        CheckpointError: the file cannot be written (a full disk, a name too long, no permission); the previous
+            file at ``path`` is kept.
     """
     path = Path(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise CheckpointError(f"cannot write {path}: {_why(err)}; the previous file there is kept (free space or "
+                              "pick another --output-dir)") from None
     finally:
-        tmp.unlink(missing_ok=True)  # after a failure only
+        _discard(tmp)  # after a failure only
     return path
+
+
+def _why(err: OSError) -> str:
+    """An OS error in a few words: ``"no space left on the device"``, ``"File name too long"``."""
+    return "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temporary file a failed write left; anything else by that name (a directory) is not ours."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _keep_copy(path: Path, dest: Path) -> None:

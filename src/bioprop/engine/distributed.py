@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["DistEnv", "detect", "setup", "teardown", "choose_device", "all_reduce_sum", "sync_buffers",
+__all__ = ["DistEnv", "detect", "setup", "teardown", "barrier", "choose_device", "all_reduce_sum", "sync_buffers",
            "broadcast_object", "first_error"]
 
 

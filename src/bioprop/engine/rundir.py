@@ -18,7 +18,7 @@ from typing import Any
 from .checkpoint import CheckpointError, RunWarning, check_same_run, load_run_checkpoint
 from .config import ConfigError, TrainConfig
 
-__all__ = ["RUN_FILES", "LOCK_NAME", "run_files", "check_output_dir", "check_path_text", "make_output_dir",
+__all__ = ["RUN_FILES", "LOCK_NAME", "PATH_MAX", "RUN_NAME_ROOM", "run_files", "path_room_left", "check_output_dir", "check_path_text", "make_output_dir",
            "remove_run_files",
            "RunLock", "resume_checkpoint", "divergence_advice", "refuse_existing"]
 
@@ -26,6 +26,14 @@ __all__ = ["RUN_FILES", "LOCK_NAME", "run_files", "check_output_dir", "check_pat
 RUN_FILES = ("checkpoint.pt", "checkpoint.prev.pt", "best.pt", "final.json", "metrics.jsonl", "metrics_layers.jsonl",
              "config.json")
 LOCK_NAME = "run.lock"
+
+#: the longest path a file may have (Linux's PATH_MAX, in bytes)
+PATH_MAX = 4096
+
+#: bytes kept free below a run directory for the names the engine writes there: temporary files
+#: (``config.json.<pid>.tmp``) and TensorBoard's ``tensorboard/events.out.tfevents.<time>.<host>.<pid>.<n>``,
+#: whose host name alone may take 64
+RUN_NAME_ROOM = 160
 
 
 def run_files(out: Path) -> list[str]:
@@ -61,6 +69,16 @@ def check_output_dir(out: Path, writable: bool = True) -> None:
     except OSError as err:
         raise ConfigError("output_dir", f"output_dir {_short(out)} is not a valid path here: "
                                         f"{err.strerror or err}; allowed: a directory path") from None
+    if path_room_left(out) < 0:
+        raise ConfigError("output_dir", f"output_dir {_short(out)} is too long: the run files in it would pass "
+                                        f"{PATH_MAX} bytes; allowed: a path of at most "
+                                        f"{PATH_MAX - RUN_NAME_ROOM - 1} bytes")
+
+
+def path_room_left(run_dir: Path) -> int:
+    """Bytes to spare once the engine's longest file name (:data:`RUN_NAME_ROOM`) is put below ``run_dir``;
+    negative: some run file would pass :data:`PATH_MAX`."""
+    return PATH_MAX - 1 - len(os.fsencode(run_dir)) - 1 - RUN_NAME_ROOM
 
 
 def check_path_text(text: str, flag: str = "--output-dir") -> None:

@@ -47,7 +47,7 @@ def collect(name: str | Path, scale: str = "quick", seeds: int = 1, only: str | 
     """
     plan = table_plan(plan or make_plan(load_experiment(name), scale, seeds, only, output_dir, data_root))
     check_output(plan, writing=True)
-    check_finished(plan)
+    check_finished(plan, interrupted=False)  # the table reads finished runs only
     from ..engine.distributed import detect
     table = build_table(plan)
     if detect().is_main:  # under torchrun only rank 0 writes

@@ -96,18 +96,18 @@ def list_lines() -> list[str]:
 
 def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> str:
     """What a run would do with one (cell, seed): skip, resume, start, or refuse a stale or damaged run."""
+    if state.state == "pending":
+        return "start"
+    try:
+        differences = stale_reason(plan, cell, seed, path, state)
+    except ExperimentError as err:
+        return f"refuse ({err})"
+    if differences:
+        return f"refuse (made with other settings: {differences})"
     if state.state in ("done", "diverged"):
-        try:
-            differences = stale_reason(plan, cell, seed, path)
-        except ExperimentError as err:
-            return f"refuse ({err})"
-        if differences:
-            return f"refuse (made with other settings: {differences})"
         return "skip (finished)" if state.state == "done" else "skip (diverged)"
-    if state.state == "interrupted":
-        return (f"resume (checkpoint unreadable: {state.unreadable})" if state.unreadable
-                else f"resume after epoch {state.epoch}")
-    return "start"
+    return (f"resume (checkpoint unreadable: {state.unreadable})" if state.unreadable
+            else f"resume after epoch {state.epoch}")
 
 
 def _others_refused(plan: Plan) -> list[str]:

@@ -16,13 +16,14 @@ import fnmatch
 import gc
 import json
 import math
+import os
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from ..engine.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_from_dict
-from ..engine.rundir import check_output_dir, check_path_text, make_output_dir
+from ..engine.rundir import PATH_MAX, check_output_dir, check_path_text, make_output_dir, path_room_left
 from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
@@ -35,9 +36,6 @@ MAX_SEEDS = 100
 #: settings a finished run may differ in from its cell and still be the cell's run: where it lives, where its data
 #: came from, what it printed and how fast it ran, not what it trained or how often it was evaluated
 NOT_RESULT_KEYS = (RESUMABLE_CHANGES - {"epochs", "eval_every"}) | {"compile", "channels_last"}
-
-#: the longest path the run files may have (Linux's PATH_MAX)
-PATH_MAX = 4096
 
 #: official training-set sizes, for the cost estimate without reading the data
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257,
@@ -101,12 +99,12 @@ def check_output(plan: Plan, *, writing: bool) -> None:
         ConfigError: naming the directory and what is allowed.
     """
     check_output_dir(plan.output_dir, writable=writing)
-    runs = [run_dir(plan, cell, seed) / "checkpoint.prev.pt" for cell in plan.cells for seed in plan.seeds_of(cell)]
-    longest = max(runs, key=lambda path: len(str(path)), default=None)
-    if longest is not None and len(str(longest).encode("utf-8")) >= PATH_MAX:
-        raise ConfigError("output_dir", f"--output-dir is too long: its run files (e.g. {longest.name} of "
-                                        f"{longest.parent.relative_to(plan.output_dir)}) would pass {PATH_MAX} "
-                                        "bytes; allowed: a shorter path")
+    runs = [run_dir(plan, cell, seed) for cell in plan.cells for seed in plan.seeds_of(cell)]
+    longest = max(runs, key=lambda path: len(os.fsencode(path)), default=None)
+    if longest is not None and path_room_left(longest) < 0:
+        raise ConfigError("output_dir", f"--output-dir is too long: the run files of "
+                                        f"{longest.relative_to(plan.output_dir)} would pass {PATH_MAX} bytes; "
+                                        f"allowed: a path {-path_room_left(longest)} bytes shorter or more")
 
 
 def _select(experiment: Experiment, cells: list[Cell], only: str) -> list[Cell]:
@@ -173,12 +171,14 @@ def data_missing(cell: Cell, data_root: str | None) -> str:
 @dataclass(frozen=True)
 class RunState:
     """Where one (cell, seed) stands: ``"done"``, ``"diverged"``, ``"interrupted"`` (checkpoint, no final) or
-    ``"pending"``; ``epoch`` is the last finished epoch of an interrupted run, ``unreadable`` why its
-    checkpoint could not be read here (the run itself then falls back to the previous one or says so)."""
+    ``"pending"``; ``epoch`` is the last finished epoch of an interrupted run, ``config`` the settings its
+    checkpoint was written with, ``unreadable`` why that checkpoint could not be read here (the run itself then
+    falls back to the previous one or says so)."""
 
     state: str
     epoch: int = 0
     unreadable: str = ""
+    config: dict[str, Any] | None = None
 
 
 def run_state(path: Path) -> RunState:
@@ -190,7 +190,10 @@ def run_state(path: Path) -> RunState:
     if (path / "checkpoint.pt").is_file():
         from ..engine import load_checkpoint
         try:
-            return RunState("interrupted", int(load_checkpoint(path / "checkpoint.pt")["epoch"]))
+            checkpoint = load_checkpoint(path / "checkpoint.pt")
+            config = checkpoint.get("config")
+            return RunState("interrupted", int(checkpoint["epoch"]),
+                            config=config if isinstance(config, dict) else None)
         except Exception as err:  # an unreadable checkpoint still means "resume"; the engine reports the damage
             return RunState("interrupted", unreadable=" ".join(str(err).split()) or type(err).__name__)
     return RunState("pending")
@@ -229,26 +232,43 @@ def read_record(path: Path) -> dict[str, Any]:
     raise ExperimentError(f"{path} is damaged ({reason}); delete {path.parent} to run it again")
 
 
-def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path) -> str:
-    """``""`` when the finished or diverged run in ``path`` was made with the settings the file now gives its
-    cell, else the differing settings, ``"lr: run 0.001, file 0.0003"``.
+def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState | None = None) -> str:
+    """``""`` when the run in ``path`` was made with the settings the file now gives its cell, else the differing
+    settings, ``"lr: run 0.001, file 0.0003"``.
 
-    Every setting counts except :data:`NOT_RESULT_KEYS`, so a run resumed at a lower lr (which the engine
-    allows) is not the cell's run either.
+    A finished or diverged run is judged by its ``config.json``; an interrupted one by the settings of its
+    checkpoint (its ``config.json`` where the checkpoint cannot be read), since resuming it under other settings
+    would finish a run that is half one cell and half another. Every setting counts except
+    :data:`NOT_RESULT_KEYS`, so a run resumed at a lower lr (which the engine allows) is not the cell's run
+    either.
+
+    Args:
+        state: ``run_state(path)``, when the caller has it already.
 
     Raises:
         ExperimentError: its ``config.json`` (or the record saying how it ended) is damaged.
     """
-    state = run_state(path).state
-    record = read_record(path / ("final.json" if state == "done" else "diverged.json"))
-    if state == "done":
+    state = state or run_state(path)
+    current = run_config(plan, cell, seed).to_dict()
+    if state.state == "pending":
+        return ""
+    if state.state == "interrupted":
+        saved = state.config
+        if saved is None and (path / "config.json").is_file():
+            saved = read_record(path / "config.json")
+        return _differences(saved or {}, current)
+    record = read_record(path / ("final.json" if state.state == "done" else "diverged.json"))
+    if state.state == "done":
         finished_value(record, plan.experiment.metric, path)
     if not (path / "config.json").is_file():
-        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} holds a {'finished' if state == 'done' else 'diverged'} "
-                              "run without config.json, so its settings cannot be checked; delete it to run the "
-                              "cell again")
-    saved = read_record(path / "config.json")
-    current = run_config(plan, cell, seed).to_dict()
+        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} holds a "
+                              f"{'finished' if state.state == 'done' else 'diverged'} run without config.json, so "
+                              "its settings cannot be checked; delete it to run the cell again")
+    return _differences(read_record(path / "config.json"), current)
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
+    """The result-bearing settings (all but :data:`NOT_RESULT_KEYS`) that differ, ``"lr: run 0.01, file 0.001"``."""
     return "; ".join(f"{key}: run {saved[key]!r}, file {current[key]!r}" for key in current
                      if key not in NOT_RESULT_KEYS and key in saved and saved[key] != current[key])
 
@@ -274,17 +294,23 @@ def finished_value(final: dict[str, Any], metric: str, path: Path) -> float | No
     return 100.0 * value if metric == "ap" else float(value)
 
 
-def _check_not_stale(plan: Plan, cell: Cell, seed: int, path: Path) -> None:
-    """Refuse a finished or diverged run directory made with other settings than the file now gives."""
-    differences = stale_reason(plan, cell, seed, path)
+def _check_not_stale(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> None:
+    """Refuse a finished, diverged or interrupted run directory made with other settings than the file gives."""
+    differences = stale_reason(plan, cell, seed, path, state)
     if differences:
-        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} was made with other settings than "
+        what = ("holds an interrupted run (resuming it would mix two settings in one run) made"
+                if state.state == "interrupted" else "was made")
+        raise ExperimentError(f"cell {cell.id} seed {seed}: {path} {what} with other settings than "
                               f"{plan.experiment.path.name} gives ({differences}); delete it to run the cell "
                               "again, or use another --output-dir")
 
 
-def check_finished(plan: Plan) -> None:
-    """Check every finished or diverged run of ``plan`` (each cell's :meth:`Plan.seeds_of`) against its cell.
+def check_finished(plan: Plan, *, interrupted: bool = True) -> None:
+    """Check every finished, diverged and (with ``interrupted``) interrupted run of ``plan`` (each cell's
+    :meth:`Plan.seeds_of`) against its cell, so that nothing trains while any run of the table is another cell's.
+
+    Args:
+        interrupted: also check the interrupted runs (False for a caller that only reads the finished ones).
 
     Raises:
         ExperimentError: the first run made with other settings, or with a damaged record.
@@ -294,8 +320,9 @@ def check_finished(plan: Plan) -> None:
             continue
         for seed in plan.seeds_of(cell):
             path = run_dir(plan, cell, seed)
-            if run_state(path).state in ("done", "diverged"):
-                _check_not_stale(plan, cell, seed, path)
+            state = run_state(path)
+            if state.state in ("done", "diverged") or (interrupted and state.state == "interrupted"):
+                _check_not_stale(plan, cell, seed, path, state)
 
 
 def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] | None = None,
@@ -322,8 +349,20 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
                 "diverged, or its method or data is missing")
         return
     # Under torchrun one process group serves every run (train() joins a group it finds and leaves it open):
-    # joining a fresh group for each run would meet the previous group's stale addresses.
-    device = dist_utils.choose_device(run_config(plan, work[0][0], work[0][1]).device, env)
+    # joining a fresh group for each run would meet the previous group's stale addresses. So the runs share a
+    # device setting, the one the group's backend is chosen for.
+    devices: dict[str, list[str]] = {}
+    for cell, seed, _ in work:
+        devices.setdefault(run_config(plan, cell, seed).device, []).append(cell.id)
+    if env.distributed and len(devices) > 1:
+        spread = "; ".join(f"{name}: {', '.join(dict.fromkeys(ids))}" for name, ids in devices.items())
+        raise ExperimentError(f"under torchrun every run of one call shares a process group, but the selected "
+                              f"cells ask for different devices ({spread}); run them in separate calls with --only")
+    first = work[0][0]
+    try:
+        device = dist_utils.choose_device(run_config(plan, first, work[0][1]).device, env)
+    except ConfigError as err:
+        raise ExperimentError(f"cell {first.id}: {err.reason}") from None
     owns_group = dist_utils.setup(env, device)
     try:
         _train_each(plan, work, env.is_main, verbose, on_step, log)
@@ -344,16 +383,20 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
         config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
                             progress=verbose)
         if main:
-            how = f"resuming after epoch {state.epoch}" if state.state == "interrupted" else "starting"
+            how = ("starting" if state.state != "interrupted" else f"resuming after epoch {state.epoch}"
+                   if not state.unreadable else "resuming (its checkpoint.pt cannot be read here; the engine "
+                                                "falls back to checkpoint.prev.pt)")
             log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id} seed {seed}: {how} in {config.output_dir}")
         try:
             train(config, on_step=on_step)
         except TrainingDiverged as err:
             if main:
-                message = (f"{err.cause}; the run and its last good checkpoint are kept in {config.output_dir}. To "
-                           f"run the cell again, lower its lr in {plan.experiment.path.name} and delete that "
-                           "directory")
-                write_text_atomic(Path(config.output_dir) / "diverged.json", json.dumps({"message": message}) + "\n")
+                path = Path(config.output_dir)
+                kept = ("the run and its last good checkpoint are kept" if (path / "checkpoint.pt").is_file()
+                        else "the run's logs are kept (it diverged before its first checkpoint)")
+                message = (f"{err.cause}; {kept} in {path}. To run the cell again, lower its lr in "
+                           f"{plan.experiment.path.name} and delete that directory")
+                write_text_atomic(path / "diverged.json", json.dumps({"message": message}) + "\n")
                 log(f"  {cell.id} seed {seed}: {message}")
         except ConfigError as err:  # e.g. resuming a checkpoint written with other settings
             raise ExperimentError(f"cell {cell.id} seed {seed}: {err.reason}") from None

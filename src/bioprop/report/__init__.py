@@ -84,7 +84,8 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, *,
         tsne_dataset: data set of the t-SNE nets.
         tsne_rules: rules of the t-SNE nets.
         title: the page title.
-        labels: one name per run for the figures (default: the rule, plus the settings that differ between runs).
+        labels: one name per run for the figures (default: the rule, plus the settings that differ between the
+            runs of that rule); names that repeat get the end of their run directory added.
 
     Returns:
         The path of ``report.html``.

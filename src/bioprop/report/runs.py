@@ -157,8 +157,10 @@ def _setting(key: str, value: Any) -> str:
 
 
 def label_runs(runs: list[RunData], labels: Sequence[str] | None = None) -> None:
-    """Name each run: by ``labels`` when given (one per run), else by its rule, adding the settings of
-    :data:`LABEL_KEYS` that differ between runs, then the directory if two names are still the same."""
+    """Name each run, every name distinct: by ``labels`` when given (one per run), else by its rule, adding the
+    settings of :data:`LABEL_KEYS` that differ between the runs of that rule (a lone ``bp`` beside three ``usf``
+    variants stays ``bp``); names still shared get the shortest end of their directory path that tells them
+    apart (``mnist/bp/s0`` against ``cifar/bp/s0``)."""
     def describe(run: RunData) -> str:
         rule = str(run.get("rule", "?"))
         last = run.config.get("last_layer")
@@ -170,16 +172,33 @@ def label_runs(runs: list[RunData], labels: Sequence[str] | None = None) -> None
         for run, label in zip(runs, labels):
             run.label = str(label)
     else:
-        varying = [key for key in LABEL_KEYS if len({json.dumps(r.get(key), sort_keys=True) for r in runs}) > 1]
+        groups: dict[str, list[RunData]] = {}
         for run in runs:
-            extra = "; ".join(_setting(key, run.get(key)) for key in varying)
-            run.label = describe(run) + (f" [{extra}]" if extra else "")
-    counts: dict[str, int] = {}
+            groups.setdefault(describe(run), []).append(run)
+        for name, group in groups.items():
+            varying = [key for key in LABEL_KEYS
+                       if len({json.dumps(r.get(key), sort_keys=True) for r in group}) > 1]
+            for run in group:
+                extra = "; ".join(_setting(key, run.get(key)) for key in varying)
+                run.label = name + (f" [{extra}]" if extra else "")
+    shared: dict[str, list[RunData]] = {}
     for run in runs:
-        counts[run.label] = counts.get(run.label, 0) + 1
-    for run in runs:
-        if counts[run.label] > 1:
-            run.label = f"{run.label} ({run.path.name})"
+        shared.setdefault(run.label, []).append(run)
+    for label, group in shared.items():
+        if len(group) > 1:
+            for run, place in zip(group, _distinct_ends([r.path for r in group])):
+                run.label = f"{label} ({place})"
+
+
+def _distinct_ends(paths: list[Path]) -> list[str]:
+    """The shortest ends of ``paths`` (last 1, 2, ... parts) that differ from each other; the full path, then
+    a running number, where none does."""
+    resolved = [p.resolve() for p in paths]
+    for depth in range(1, max(len(p.parts) for p in resolved) + 1):
+        ends = ["/".join(p.parts[-depth:]) for p in resolved]
+        if len(set(ends)) == len(ends):
+            return ends
+    return [f"{p} #{i + 1}" for i, p in enumerate(paths)]  # the same directory given twice
 
 
 def analysis_series(run: RunData, key: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
