@@ -175,6 +175,8 @@ def test_labels_compare_settings_within_a_rule_and_stay_distinct(tmp_path: Path)
     assert [r.label for r in same] == ["backprop (mnist/bp/s0/backprop)", "backprop (cifar/bp/s0/backprop)", "fa"]
     label_runs(same, ["BP", "BP", "FA"])  # given labels that repeat are told apart the same way
     assert [r.label for r in same] == ["BP (mnist/bp/s0/backprop)", "BP (cifar/bp/s0/backprop)", "FA"]
+    label_runs(same, ["A", "A", "A (mnist/bp/s0/backprop)"])  # a suffix that meets a given label is told apart too
+    assert len({r.label for r in same}) == 3
     twice = [load_run(same[2].path), load_run(same[2].path)]
     label_runs(twice)
     assert len({r.label for r in twice}) == 2 and twice[0].label.endswith(" #1)")

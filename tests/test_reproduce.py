@@ -299,6 +299,26 @@ def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "s0: skip (finished)" in dry and "s0: start" in dry  # digits/* ran, wide/fa did not
 
 
+def test_collect_keeps_finished_runs_where_the_data_is_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Runs made on another machine (a cluster sharing the directory) enter the table on one without the data;
+    only cells with nothing on disk are "data not present"."""
+    import bioprop.experiments.results as results
+    path = tiny_file(tmp_path)
+    reference = reproduce(path, "smoke", seeds=2, only="digits/bp", output_dir=tmp_path, report=False,
+                          verbose=False, log=quiet)
+    monkeypatch.setattr(results, "data_missing", lambda cell, root: "put the digits in the data root")
+    table = collect(path, "smoke", seeds=2, output_dir=tmp_path, report=False)
+    cells = {c["id"]: c for c in table["cells"]}
+    before = {c["id"]: c for c in reference["cells"]}
+    assert cells["digits/bp"]["status"] == "done" and cells["digits/bp"]["seeds_done"] == 2
+    assert cells["digits/bp"]["mean"] == before["digits/bp"]["mean"] is not None
+    assert cells["wide/fa"]["status"] == "data not present" and cells["wide/fa"]["runs"] == []
+    partial = {c["id"]: c for c in collect(path, "smoke", seeds=3, output_dir=tmp_path, report=False)["cells"]}
+    assert partial["digits/bp"]["status"] == "partial"
+    assert partial["digits/bp"]["reason"] == ("2 of 3 seeds finished; the others cannot run here: data not "
+                                              "present: put the digits in the data root")
+
+
 def test_missing_data_is_reported_with_how_to_get_it(tmp_path: Path) -> None:
     text = TINY.replace('dataset = "digits"', 'dataset = "svhn"')
     table = collect(tiny_file(tmp_path, text), "smoke", output_dir=tmp_path, data_root=str(tmp_path / "empty"),

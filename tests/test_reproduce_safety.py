@@ -128,12 +128,44 @@ def test_a_device_the_machine_lacks_is_refused_naming_the_cell(tmp_path: Path, c
 def test_under_torchrun_cells_with_different_devices_are_refused_before_any_group_forms(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from bioprop.engine import distributed
-    path = tiny_file(tmp_path, TINY.replace('row = "fa"', 'row = "fa"\nconfig = { device = "cpu" }', 1))
+    path = tiny_file(tmp_path, TINY.replace('row = "fa"', 'row = "fa"\nconfig = { device = "cuda:0" }', 1))
     monkeypatch.setattr(distributed, "detect", lambda: distributed.DistEnv(rank=0, world_size=2))
     monkeypatch.setattr(distributed, "setup", lambda *_: pytest.fail("a process group was joined"))
-    with pytest.raises(ExperimentError, match=r"the selected cells ask for different devices \(auto: digits/bp, "
-                                              r"wide/fa; cpu: digits/fa\); run them in separate calls with --only"):
+    monkeypatch.setattr(distributed.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExperimentError, match=r"the selected cells ask for different devices \(cpu: digits/bp, "
+                                              r"wide/fa; cuda:0: digits/fa\); run them in separate calls with --only"):
         reproduce(path, "smoke", output_dir=tmp_path / "out", report=False, verbose=False, log=quiet)
+    same = tiny_file(tmp_path, TINY.replace('row = "fa"', 'row = "fa"\nconfig = { device = "cpu" }', 1))
+    with pytest.raises(pytest.fail.Exception, match="a process group was joined"):  # auto is cpu here: no refusal
+        reproduce(same, "smoke", output_dir=tmp_path / "out2", report=False, verbose=False, log=quiet)
+
+
+def test_a_run_resumed_by_hand_at_a_lower_lr_is_refused_even_when_the_file_now_agrees(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """config.json and the checkpoint hold the latest session's settings; the log's lr_change shows the mix."""
+    from bioprop.experiments import execute, make_plan
+
+    path = tiny_file(tmp_path)
+    out = tmp_path / "out"
+
+    class Killed(Exception):
+        pass
+
+    def kill(info: object) -> None:
+        if getattr(info, "step") == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        execute(make_plan(load_experiment(path), "quick", 1, "digits/bp", out), verbose=False, on_step=kill,
+                log=lambda _: None)
+    run = out / "quick" / "digits" / "bp" / "s0"
+    assert main(["train", "--resume", "--output-dir", str(run), "--lr", "0.01", "--no-progress"]) == 0
+    path.write_text(TINY.replace("lr = 0.05", "lr = 0.01", 1))  # the file now says what the last session used
+    quick = ["reproduce", str(path), "--scale", "quick", "--only", "digits/bp", "--output-dir", str(out),
+             "--no-report", "--no-progress"]
+    assert main(quick) == 2
+    assert "(lr changed during the run: 0.05 -> 0.01 at epoch 1)" in error_line(capsys)
+    assert main(quick + ["--collect"]) == 2 and "lr changed during the run" in error_line(capsys)
 
 
 # ------------------------------------------------------------------------------------------ damaged records
@@ -274,7 +306,10 @@ def _path_of_bytes(base: Path, size: int) -> str:
     """A path under ``base`` of exactly ``size`` bytes, in components of at most 200."""
     text = str(base)
     while len(text) < size:
-        text += "/" + "d" * min(200, size - len(text) - 1)
+        if size - len(text) < 3:  # too little left for "/d": lengthen the last component instead
+            text += "d" * (size - len(text))
+        else:
+            text += "/" + "d" * min(200, size - len(text) - 1)
     return text
 
 
@@ -293,7 +328,7 @@ def _path_of_bytes(base: Path, size: int) -> str:
     (["--output-dir", "{fits}", "--dry-run"],  # the output dir fits, the run files of its cells do not
      "--output-dir is too long: the run files of smoke/digits/future/s0 would pass 4096 bytes; allowed: a path"),
     (["--output-dir", "{tmp}/" + "/".join(["d" * 245] * 16), "--dry-run"],
-     "is too long: the run files in it would pass 4096 bytes; allowed: a path of at most 3935 bytes"),
+     "is too long: the run files in it would pass 4096 bytes; allowed: a path of at most 3934 bytes"),
     (["--output-dir", "{file}", "--print-commands"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--collect"], "output_dir {file} is a file; allowed: a directory"),
     (["--output-dir", "{file}", "--dry-run"], "output_dir {file} is a file; allowed: a directory"),

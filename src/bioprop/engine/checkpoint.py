@@ -130,8 +130,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     except OSError as err:
         if err.errno is None:
             raise
-        raise CheckpointError(f"cannot write {path}: {_why(err)}; the previous file there is kept (free space or "
-                              "pick another --output-dir)") from None
+        where = f" ({err.filename} is in the way)" if err.errno == errno.EISDIR and err.filename else ""
+        advice = "free space or pick another --output-dir" if err.errno == errno.ENOSPC else \
+            "remove what is in the way or pick another --output-dir"
+        kept = "the previous file there is kept" if _is_file(path) else "nothing was written"
+        raise CheckpointError(f"cannot write {path}: {_why(err)}{where}; {kept} ({advice})") from None
     finally:
         _discard(tmp)  # after a failure only
     return path
@@ -140,6 +143,14 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 def _why(err: OSError) -> str:
     """An OS error in a few words: ``"no space left on the device"``, ``"File name too long"``."""
     return "no space left on the device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the path itself is not valid (a name too long)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _discard(tmp: Path) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 
-__all__ = ["DistEnv", "detect", "setup", "teardown", "barrier", "choose_device", "all_reduce_sum", "sync_buffers",
+__all__ = ["DistEnv", "detect", "setup", "teardown", "barrier", "device_kind", "choose_device", "all_reduce_sum", "sync_buffers",
            "broadcast_object", "first_error"]
 
 
@@ -57,14 +57,19 @@ def detect() -> DistEnv:
     return DistEnv(rank, world_size, local_rank)
 
 
+def device_kind(name: str) -> str:
+    """What a device setting means on this machine: ``"auto"`` becomes ``"cuda"`` or ``"cpu"``; ``"cuda:1"``
+    stays as it is."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
 def choose_device(name: str, env: DistEnv) -> torch.device:
     """The device for this process: ``auto`` picks this process's local GPU when there is one, else the CPU.
 
     Raises:
         ConfigError: ``cuda`` asked for on a machine without a usable GPU.
     """
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_kind(name)
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError("device", f"device {name!r} asked for, but torch sees no CUDA GPU; allowed here: "

@@ -72,7 +72,7 @@ def check_output_dir(out: Path, writable: bool = True) -> None:
     if path_room_left(out) < 0:
         raise ConfigError("output_dir", f"output_dir {_short(out)} is too long: the run files in it would pass "
                                         f"{PATH_MAX} bytes; allowed: a path of at most "
-                                        f"{PATH_MAX - RUN_NAME_ROOM - 1} bytes")
+                                        f"{len(os.fsencode(out)) + path_room_left(out)} bytes")
 
 
 def path_room_left(run_dir: Path) -> int:

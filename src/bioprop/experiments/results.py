@@ -72,15 +72,17 @@ def build_table(plan: Plan) -> dict[str, Any]:
             "published_status": cell.status, "note": cell.note, "seeds": list(plan.seeds_of(cell)),
         }
         missing_data = "" if cell.missing else data_missing(cell, plan.data_root)
-        runs = [] if cell.missing or missing_data else [
+        runs = [] if cell.missing else [
             dict(seed=seed, run_dir=str(run_dir(plan, cell, seed).relative_to(plan.scale_dir)),
                  **_seed_result(run_dir(plan, cell, seed), exp.metric)) for seed in plan.seeds_of(cell)]
+        if missing_data and all(r["state"] == "pending" for r in runs):
+            runs = []  # runs made elsewhere (a cluster sharing the directory) count even where the data is absent
         errors = [r["test_error"] for r in runs if r["state"] == "done" and r.get("test_error") is not None]
         mean, std = mean_std(errors)
         states = [r["state"] for r in runs]
         if cell.missing:
             status, reason = "method not implemented", cell.missing
-        elif missing_data:
+        elif missing_data and not runs:
             status, reason = "data not present", missing_data
         elif "diverged" in states:
             status = "diverged"
@@ -91,6 +93,8 @@ def build_table(plan: Plan) -> dict[str, Any]:
                                          "evaluated)") if unevaluated else ("done", "")
         elif "done" in states:
             status, reason = "partial", f"{states.count('done')} of {len(states)} seeds finished"
+            if missing_data:
+                reason += f"; the others cannot run here: data not present: {missing_data}"
         else:
             status, reason = "not run", ""
         done = [r for r in runs if r["state"] == "done"]

@@ -239,8 +239,9 @@ def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState 
     A finished or diverged run is judged by its ``config.json``; an interrupted one by the settings of its
     checkpoint (its ``config.json`` where the checkpoint cannot be read), since resuming it under other settings
     would finish a run that is half one cell and half another. Every setting counts except
-    :data:`NOT_RESULT_KEYS`, so a run resumed at a lower lr (which the engine allows) is not the cell's run
-    either.
+    :data:`NOT_RESULT_KEYS`; and since both records hold the settings of the run's latest session, a run whose
+    log shows an ``lr_change`` (resumed by hand at a lower lr, which the engine allows) is not the cell's run
+    either, whatever the file now says.
 
     Args:
         state: ``run_state(path)``, when the caller has it already.
@@ -249,14 +250,15 @@ def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState 
         ExperimentError: its ``config.json`` (or the record saying how it ended) is damaged.
     """
     state = state or run_state(path)
-    current = run_config(plan, cell, seed).to_dict()
     if state.state == "pending":
         return ""
+    current = run_config(plan, cell, seed).to_dict()
+    changed = _lr_changes(path)
     if state.state == "interrupted":
         saved = state.config
         if saved is None and (path / "config.json").is_file():
             saved = read_record(path / "config.json")
-        return _differences(saved or {}, current)
+        return "; ".join(filter(None, [_differences(saved or {}, current), changed]))
     record = read_record(path / ("final.json" if state.state == "done" else "diverged.json"))
     if state.state == "done":
         finished_value(record, plan.experiment.metric, path)
@@ -264,7 +266,23 @@ def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState 
         raise ExperimentError(f"cell {cell.id} seed {seed}: {path} holds a "
                               f"{'finished' if state.state == 'done' else 'diverged'} run without config.json, so "
                               "its settings cannot be checked; delete it to run the cell again")
-    return _differences(read_record(path / "config.json"), current)
+    return "; ".join(filter(None, [_differences(read_record(path / "config.json"), current), changed]))
+
+
+def _lr_changes(path: Path) -> str:
+    """``"lr changed during the run: 0.05 -> 0.01 at epoch 3"`` from the ``lr_change`` events of the run's
+    ``metrics.jsonl``, or ``""``."""
+    log = path / "metrics.jsonl"
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    if '"lr_change"' not in text:
+        return ""
+    from ..engine import read_records
+    steps = [f"{r.get('from')!r} -> {r.get('to')!r} at epoch {r.get('epoch')}" for r in read_records(log, "event")
+             if r.get("event") == "lr_change"]
+    return f"lr changed during the run: {', '.join(steps)}" if steps else ""
 
 
 def _differences(saved: dict[str, Any], current: dict[str, Any]) -> str:
@@ -302,7 +320,9 @@ def _check_not_stale(plan: Plan, cell: Cell, seed: int, path: Path, state: RunSt
                 if state.state == "interrupted" else "was made")
         raise ExperimentError(f"cell {cell.id} seed {seed}: {path} {what} with other settings than "
                               f"{plan.experiment.path.name} gives ({differences}); delete it to run the cell "
-                              "again, or use another --output-dir")
+                              "again, or use another --output-dir"
+                              + ("; or put back the file's setting the run was made with to finish it"
+                                 if state.state == "interrupted" else ""))
 
 
 def check_finished(plan: Plan, *, interrupted: bool = True) -> None:
@@ -353,7 +373,7 @@ def execute(plan: Plan, *, verbose: bool = True, on_step: Callable[[Any], None] 
     # device setting, the one the group's backend is chosen for.
     devices: dict[str, list[str]] = {}
     for cell, seed, _ in work:
-        devices.setdefault(run_config(plan, cell, seed).device, []).append(cell.id)
+        devices.setdefault(dist_utils.device_kind(run_config(plan, cell, seed).device), []).append(cell.id)
     if env.distributed and len(devices) > 1:
         spread = "; ".join(f"{name}: {', '.join(dict.fromkeys(ids))}" for name, ids in devices.items())
         raise ExperimentError(f"under torchrun every run of one call shares a process group, but the selected "
@@ -385,7 +405,8 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
         if main:
             how = ("starting" if state.state != "interrupted" else f"resuming after epoch {state.epoch}"
                    if not state.unreadable else "resuming (its checkpoint.pt cannot be read here; the engine "
-                                                "falls back to checkpoint.prev.pt)")
+                   + ("falls back to checkpoint.prev.pt)" if (Path(config.output_dir) / "checkpoint.prev.pt")
+                      .is_file() else "says what is left)"))
             log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id} seed {seed}: {how} in {config.output_dir}")
         try:
             train(config, on_step=on_step)

@@ -181,13 +181,18 @@ def label_runs(runs: list[RunData], labels: Sequence[str] | None = None) -> None
             for run in group:
                 extra = "; ".join(_setting(key, run.get(key)) for key in varying)
                 run.label = name + (f" [{extra}]" if extra else "")
-    shared: dict[str, list[RunData]] = {}
-    for run in runs:
-        shared.setdefault(run.label, []).append(run)
-    for label, group in shared.items():
-        if len(group) > 1:
-            for run, place in zip(group, _distinct_ends([r.path for r in group])):
-                run.label = f"{label} ({place})"
+    for _ in range(len(runs)):  # a suffix may meet a label another run already had: repeat until distinct
+        shared: dict[str, list[RunData]] = {}
+        for run in runs:
+            shared.setdefault(run.label, []).append(run)
+        if all(len(group) == 1 for group in shared.values()):
+            return
+        for label, group in shared.items():
+            if len(group) > 1:
+                for run, place in zip(group, _distinct_ends([r.path for r in group])):
+                    run.label = f"{label} ({place})"
+    for i, run in enumerate(runs):  # still not distinct after every pass: number them
+        run.label = f"{run.label} #{i + 1}"
 
 
 def _distinct_ends(paths: list[Path]) -> list[str]:
