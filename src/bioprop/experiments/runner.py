@@ -272,16 +272,20 @@ def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState 
 def _lr_changes(path: Path) -> str:
     """``"lr changed during the run: 0.05 -> 0.01 at epoch 3"`` from the ``lr_change`` events of the run's
     ``metrics.jsonl``, or ``""``."""
-    log = path / "metrics.jsonl"
     try:
-        text = log.read_text(encoding="utf-8", errors="replace")
+        text = (path / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
     except OSError:
         return ""
-    if '"lr_change"' not in text:
-        return ""
-    from ..engine import read_records
-    steps = [f"{r.get('from')!r} -> {r.get('to')!r} at epoch {r.get('epoch')}" for r in read_records(log, "event")
-             if r.get("event") == "lr_change"]
+    steps = []
+    for line in text.splitlines():
+        if '"lr_change"' not in line:  # one read; only the few event lines are parsed
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a damaged line: the engine repairs the log on resume
+        if isinstance(record, dict) and record.get("event") == "lr_change":
+            steps.append(f"{record.get('from')!r} -> {record.get('to')!r} at epoch {record.get('epoch')}")
     return f"lr changed during the run: {', '.join(steps)}" if steps else ""
 
 
@@ -403,11 +407,8 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
         config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
                             progress=verbose)
         if main:
-            how = ("starting" if state.state != "interrupted" else f"resuming after epoch {state.epoch}"
-                   if not state.unreadable else "resuming (its checkpoint.pt cannot be read here; the engine "
-                   + ("falls back to checkpoint.prev.pt)" if (Path(config.output_dir) / "checkpoint.prev.pt")
-                      .is_file() else "says what is left)"))
-            log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id} seed {seed}: {how} in {config.output_dir}")
+            log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id} seed {seed}: "
+                f"{_how_it_starts(state, Path(config.output_dir))} in {config.output_dir}")
         try:
             train(config, on_step=on_step)
         except TrainingDiverged as err:
@@ -421,6 +422,17 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
                 log(f"  {cell.id} seed {seed}: {message}")
         except ConfigError as err:  # e.g. resuming a checkpoint written with other settings
             raise ExperimentError(f"cell {cell.id} seed {seed}: {err.reason}") from None
+
+
+def _how_it_starts(state: RunState, path: Path) -> str:
+    """``"starting"``, ``"resuming after epoch 3"``, or what a resume with an unreadable checkpoint falls back on."""
+    if state.state != "interrupted":
+        return "starting"
+    if not state.unreadable:
+        return f"resuming after epoch {state.epoch}"
+    fallback = ("the engine falls back to checkpoint.prev.pt" if (path / "checkpoint.prev.pt").is_file()
+                else "the engine says what is left")
+    return f"resuming (its checkpoint.pt cannot be read here; {fallback})"
 
 
 def pending_runs(plan: Plan) -> list[tuple[Cell, int, RunState]]:
