@@ -440,6 +440,41 @@ def test_running_part_of_a_table_keeps_the_rest_of_it(tmp_path: Path) -> None:
     assert "| Digits MLP | BP |" in markdown and "| 3/3 |" in markdown and "| Digits MLP | FA |" in markdown
 
 
+def test_collect_without_seeds_counts_each_cells_seeds_on_disk(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """Three seeds of one cell and one of another: ``--collect`` without ``--seeds`` gives each cell the seeds it
+    has (both ``done``); ``--seeds 3`` makes the one-seed cell ``partial``, so no claim reads it; ``--only`` with ``--seeds`` still chooses which cells count the requested seeds."""
+    path = tiny_file(tmp_path)
+    reproduce(path, "smoke", seeds=3, only="digits/bp", output_dir=tmp_path, report=False, verbose=False, log=quiet)
+    reproduce(path, "smoke", seeds=1, only="digits/fa", output_dir=tmp_path, report=False, verbose=False, log=quiet)
+    finals = {(row, i): json.loads(p.read_text())["final_test_error"] for row, i, p in
+              [(row, i, tmp_path / "smoke" / "digits" / row / f"s{i}" / "final.json") for row in ("bp", "fa")
+               for i in range(3)] if p.exists()}
+    assert sorted(finals) == [("bp", 0), ("bp", 1), ("bp", 2), ("fa", 0)]
+
+    on_disk = {c["id"]: c for c in collect(path, "smoke", output_dir=tmp_path, report=False)["cells"]}
+    assert on_disk["digits/bp"]["seeds"] == [0, 1, 2] and on_disk["digits/bp"]["status"] == "done"
+    assert on_disk["digits/bp"]["mean"] == pytest.approx(np.mean([finals["bp", i] for i in range(3)]))
+    assert on_disk["digits/fa"]["seeds"] == [0] and on_disk["digits/fa"]["status"] == "done"
+    assert on_disk["digits/fa"]["mean"] == pytest.approx(finals["fa", 0])
+    assert on_disk["wide/fa"]["status"] == "not run"
+
+    three = {c["id"]: c for c in collect(path, "smoke", seeds=3, output_dir=tmp_path, report=False)["cells"]}
+    assert three["digits/bp"]["status"] == "done"
+    assert three["digits/fa"]["status"] == "partial" and three["digits/fa"]["reason"] == "1 of 3 seeds finished"
+    only = {c["id"]: c for c in collect(path, "smoke", seeds=3, only="digits/bp", output_dir=tmp_path,
+                                        report=False)["cells"]}
+    assert only["digits/fa"]["seeds"] == [0] and only["digits/fa"]["status"] == "done"
+
+    assert main(["reproduce", str(path), "--scale", "smoke", "--output-dir", str(tmp_path), "--collect",
+                 "--no-report"]) == 0
+    assert "| 3/3 |" in (tmp_path / "smoke" / "results.md").read_text()
+    written = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert {c["id"]: c["seeds"] for c in written["cells"]}["digits/fa"] == [0]
+    assert {c["id"]: c["status"] for c in written["cells"]}["digits/fa"] == "done"
+    capsys.readouterr()
+
+
 def test_print_commands_resume_an_interrupted_run(tmp_path: Path) -> None:
     path = tiny_file(tmp_path)
     plan = make_plan(load_experiment(path), "quick", 1, "digits/bp", tmp_path)

@@ -29,14 +29,17 @@ __all__ = ["list_experiments", "load_experiment", "reproduce", "collect", "make_
            "SCALES", "CELL_STATUSES", "merge", "resolve_config"]
 
 
-def collect(name: str | Path, scale: str = "quick", seeds: int = 1, only: str | None = None,
+def collect(name: str | Path, scale: str = "quick", seeds: int | None = None, only: str | None = None,
             output_dir: str | Path | None = None, data_root: str | None = None, *, report: bool = True,
             plan: Plan | None = None) -> dict[str, Any]:
     """Build the table from the run directories that exist (nothing is trained) and write ``results.md``,
     ``results.json`` and, with ``report``, one analysis report per column, into ``<output-dir>/<scale>``.
 
-    The table holds every cell of the experiment: ``only`` and ``seeds`` choose the seeds of the cells they
-    select; every other cell shows the seeds it has on disk (:func:`~bioprop.experiments.runner.table_plan`).
+    The table holds every cell of the experiment (:func:`~bioprop.experiments.runner.table_plan`). With
+    ``seeds = None`` every cell shows the seeds it has on disk, so cells run with different seed counts each
+    keep theirs (``only`` is then moot). With a number, the cells ``only`` selects (or ``plan``'s cells) have
+    seeds ``0 .. seeds-1``, a seed not run counting against the cell (status ``partial``), and every other
+    cell shows the seeds it has on disk.
 
     Returns:
         The table (what ``results.json`` holds).
@@ -45,7 +48,9 @@ def collect(name: str | Path, scale: str = "quick", seeds: int = 1, only: str | 
         ExperimentError: a finished run made with other settings than the file gives its cell, or with a
             damaged record (:func:`~bioprop.experiments.runner.check_finished`).
     """
-    plan = table_plan(plan or make_plan(load_experiment(name), scale, seeds, only, output_dir, data_root))
+    plan = plan or make_plan(load_experiment(name), scale, 1 if seeds is None else seeds, only, output_dir,
+                             data_root)
+    plan = table_plan(plan, seeds_on_disk=seeds is None)
     check_output(plan, writing=True)
     check_finished(plan, interrupted=False)  # the table reads finished runs only
     from ..engine.distributed import detect
@@ -82,4 +87,4 @@ def reproduce(name: str | Path, scale: str = "quick", seeds: int = 1, only: str 
     """
     plan = make_plan(load_experiment(name), scale, seeds, only, output_dir, data_root)
     execute(plan, verbose=verbose, on_step=on_step, log=log)
-    return collect(name, plan=plan, report=report)
+    return collect(name, seeds=seeds, plan=plan, report=report)

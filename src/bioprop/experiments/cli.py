@@ -24,7 +24,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--scale", choices=SCALES, default="quick",
                    help="quick (fewer epochs, sized for a CPU), full (the paper's schedule) or smoke (a few "
                         "steps); default quick")
-    p.add_argument("--seeds", type=int, default=1, help="seeds per cell, 0..N-1; default 1")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds per cell, 0..N-1; default 1 (with --collect: each cell's seeds on disk)")
     p.add_argument("--only", metavar="PATTERN", default=None,
                    help="comma-separated patterns on cell ids COLUMN/ROW, e.g. 'mnist/*' or '*/bp,*/fa'")
     p.add_argument("--output-dir", default=None, help="default results/NAME; runs go to "
@@ -51,7 +52,8 @@ def run_command(args: argparse.Namespace) -> int:
     from . import collect, reproduce
 
     experiment = load_experiment(args.name)
-    plan = make_plan(experiment, args.scale, args.seeds, args.only, args.output_dir, args.data_root)
+    seeds = 1 if args.seeds is None else args.seeds
+    plan = make_plan(experiment, args.scale, seeds, args.only, args.output_dir, args.data_root)
     check_output(plan, writing=not (args.list or args.dry_run))
     if args.list or args.dry_run:
         print("\n".join(describe(plan, dry_run=args.dry_run)))
@@ -65,9 +67,9 @@ def run_command(args: argparse.Namespace) -> int:
             raise ExperimentError(f"nothing to collect: {plan.scale_dir} holds no run directory; run 'bioprop "
                                   f"reproduce {experiment.name} --scale {args.scale}' first, or pass the "
                                   "--output-dir the runs went to")
-        table = collect(experiment.path, plan=plan, report=args.report)
+        table = collect(experiment.path, seeds=args.seeds, plan=plan, report=args.report)
     else:
-        table = reproduce(experiment.path, args.scale, args.seeds, args.only, args.output_dir, args.data_root,
+        table = reproduce(experiment.path, args.scale, seeds, args.only, args.output_dir, args.data_root,
                           report=args.report, verbose=args.progress)
     from ..engine.distributed import detect
     if detect().is_main:

@@ -126,15 +126,20 @@ def _select(experiment: Experiment, cells: list[Cell], only: str) -> list[Cell]:
     return [c for c in cells if any(fnmatch.fnmatchcase(c.id, p) for p in patterns)]
 
 
-def table_plan(plan: Plan) -> Plan:
+def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
     """The plan whose table covers every cell of the experiment, not only those ``--only`` selected: a selected
-    cell keeps the requested seeds, any other cell has the seeds whose run directories exist (or the requested
-    ones, when it has none), so running part of a table never drops the rest of it from ``results.md``."""
-    selected = {cell.id for cell in plan.cells}
+    cell keeps its seeds in ``plan``, any other cell has the seeds whose run directories exist (or the requested
+    ones, when it has none), so running part of a table never drops the rest of it from ``results.md``.
+
+    With ``seeds_on_disk`` every cell, selected or not, has the seeds on disk: the table of runs made with
+    different seed counts per cell (``bioprop reproduce NAME --collect`` without ``--seeds``)."""
+    selected = set() if seeds_on_disk else {cell.id for cell in plan.cells}
     cells = plan.experiment.cells(plan.scale)
     cell_seeds = {}
     for cell in cells:
         if cell.id in selected:
+            if cell.id in plan.cell_seeds:
+                cell_seeds[cell.id] = plan.cell_seeds[cell.id]
             continue
         folder = plan.scale_dir / cell.column / cell.row
         on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()
