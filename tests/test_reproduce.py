@@ -69,7 +69,8 @@ def test_every_file_parses_and_every_cell_config_validates(name: str, tmp_path: 
             assert cell.published is None or cell.source, cell.id
             if not cell.missing:
                 config = run_config(plan, cell, 1)
-                assert config.seed == 1 and Path(config.output_dir) == tmp_path / scale / cell.column / cell.row / "s1"
+                row = cell.same_as or cell.row  # a row same_as another shares that row's run directories
+                assert config.seed == 1 and Path(config.output_dir) == tmp_path / scale / cell.column / row / "s1"
     smoke = experiment.cells("smoke")
     assert all(c.values.get("max_steps", 0) > 0 for c in smoke), "the smoke scale caps every cell's steps"
 
@@ -297,6 +298,12 @@ def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert main(argv + ["--dry-run"]) == 0
     dry = capsys.readouterr().out
     assert "s0: skip (finished)" in dry and "s0: start" in dry  # digits/* ran, wide/fa did not
+    before = report.stat().st_mtime_ns
+    assert main(argv + ["--collect", "--no-report"]) == 0  # keeps the link to the report it does not redraw
+    assert report.stat().st_mtime_ns == before
+    assert ("- Digits MLP (from an earlier call, not redrawn): [report/digits/report.html](report/digits/report.html)"
+            in (tmp_path / "out" / "smoke" / "results.md").read_text())
+    assert "Digits MLP 1x32" not in (tmp_path / "out" / "smoke" / "results.md").read_text().split("## Analysis")[1]
 
 
 def test_collect_keeps_finished_runs_where_the_data_is_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -495,17 +502,143 @@ def test_print_commands_resume_an_interrupted_run(tmp_path: Path) -> None:
     assert build_table(plan)["cells"][0]["status"] == "done"
 
 
-def test_claim_figures_cover_finished_order_claims_of_three_or_more_cells(tmp_path: Path) -> None:
-    from bioprop.experiments.results import write_claim_figures
-    def cell(ident: str, mean: float | None, status: str = "done") -> dict[str, Any]:
-        return {"id": ident, "row_label": ident.split("/")[1], "status": status, "mean": mean, "std": None}
-    table = {"metric": "test_error", "cells": [cell("d/p0", 9.0), cell("d/p05", 5.0), cell("d/p1", 2.0),
-                                                cell("d/q", None, "not run")],
+def test_claim_figures_show_each_cell_of_an_order_claim_with_what_it_has(tmp_path: Path) -> None:
+    """A figure needs an ``order`` claim over three or more cells, two with a mean; a diverged or unrun cell is
+    marked by its status, a partial one keeps its mean and says how many seeds finished."""
+    from bioprop.experiments.results import claim_points, write_claim_figures
+
+    def cell(ident: str, mean: float | None, status: str = "done", std: float | None = None,
+             seeds: int = 1) -> dict[str, Any]:
+        return {"id": ident, "row_label": ident.split("/")[1], "status": status, "mean": mean, "std": std,
+                "seeds": list(range(seeds)), "seeds_done": 1}
+    cells = [cell("d/p0", 9.0, std=0.5), cell("d/p05", 5.0), cell("d/p1", 2.0), cell("d/q", None, "not run"),
+             cell("d/div", 7.0, "diverged", seeds=2), cell("d/half", 4.0, "partial", seeds=3)]
+    table = {"metric": "test_error", "cells": cells,
              "claims": [{"id": "falls", "kind": "order", "verdict": "does not hold", "cells": ["d/p1", "d/p05", "d/p0"]},
                         {"id": "pair", "kind": "order", "verdict": "holds", "cells": ["d/p1", "d/p0"]},
                         {"id": "open", "kind": "order", "verdict": "not testable here",
-                         "cells": ["d/p1", "d/p05", "d/q"]},
+                         "cells": ["d/p1", "d/half", "d/div", "d/q"]},
+                        {"id": "lonely", "kind": "order", "verdict": "not testable here",
+                         "cells": ["d/p1", "d/div", "d/q"]},
                         {"id": "near", "kind": "within", "verdict": "holds", "cells": ["d/p1", "d/p05", "d/p0"]}]}
+    by_id = {c["id"]: c for c in cells}
+    assert claim_points(table["claims"][0], by_id) == [("p1", 2.0, 0.0, ""), ("p05", 5.0, 0.0, ""),
+                                                       ("p0", 9.0, 0.5, "")]
+    opened = claim_points(table["claims"][2], by_id)
+    assert opened is not None and opened[:2] == [("p1", 2.0, 0.0, ""), ("half", 4.0, 0.0, "1/3 seeds")]
+    assert [(label, math.isnan(mean), mark) for label, mean, _, mark in opened[2:]] == [
+        ("div", True, "diverged"), ("q", True, "not run")]  # a diverged cell's finished seed is not drawn
+    assert claim_points(table["claims"][3], by_id) is None  # one mean only
     figures = write_claim_figures(table, tmp_path)
-    assert figures == {"falls": "figures/falls.png"}
-    assert (tmp_path / "figures" / "falls.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert figures == {"falls": "figures/falls.png", "open": "figures/open.png"}
+    for name in figures.values():
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------ rows same_as another
+
+SAME_AS = TINY.replace('''[[cells]]
+column = "digits"
+row = "future"''', '''[[rows]]
+id = "fa_again"
+label = "FA under another name"
+same_as = "fa"
+config = { rule = "fa", rule_options = {} }
+
+[[cells]]
+column = "digits"
+row = "fa_again"
+published = 8.5
+
+[[cells]]
+column = "digits"
+row = "future"''')
+
+
+def test_a_row_same_as_another_shows_that_rows_runs_and_trains_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tiny_file(tmp_path, SAME_AS)
+    experiment = load_experiment(path)
+    cells = {c.id: c for c in experiment.cells("smoke")}
+    again, fa = cells["digits/fa_again"], cells["digits/fa"]
+    assert again.same_as == "fa" and again.values == fa.values and again.row_label == "FA under another name"
+    assert again.stated_values is not None and again.stated_values["rule_options"] == {}
+    assert again.published == 8.5 and fa.same_as == "" and fa.stated_values is None
+    lines: list[str] = []
+    table = reproduce(path, "smoke", seeds=2, only="digits/fa_again,digits/fa", output_dir=tmp_path, report=False,
+                      verbose=False, log=lines.append)
+    assert len(lines) == 2  # two runs (fa s0, s1), not four
+    assert sorted(p.name for p in (tmp_path / "smoke" / "digits").iterdir()) == ["fa"]
+    by_id = {c["id"]: c for c in table["cells"]}
+    assert by_id["digits/fa_again"]["same_as"] == "digits/fa" and by_id["digits/fa"]["same_as"] is None
+    assert by_id["digits/fa_again"]["status"] == "done" and by_id["digits/fa_again"]["runs"] == by_id["digits/fa"]["runs"]
+    assert by_id["digits/fa_again"]["mean"] == by_id["digits/fa"]["mean"] is not None
+    assert by_id["digits/fa_again"]["gap"] == pytest.approx(by_id["digits/fa"]["mean"] - 8.5)
+    assert "done (the runs of digits/fa) |" in (tmp_path / "smoke" / "results.md").read_text()
+    argv = ["reproduce", str(path), "--scale", "smoke", "--seeds", "2", "--output-dir", str(tmp_path)]
+    assert main(argv + ["--only", "digits/fa_again", "--print-commands"]) == 0
+    assert capsys.readouterr().out == ""  # fa's runs are finished, so the row same_as fa has nothing to run
+    assert main(argv + ["--only", "digits/fa*", "--dry-run"]) == 0
+    dry = capsys.readouterr().out
+    assert "ready (the runs of digits/fa)" in dry and dry.count("skip (finished) -> ") == 4
+    assert "\n0 steps left to run" in dry
+    import bioprop.experiments.cli as experiments_cli
+    monkeypatch.setattr(experiments_cli, "steps_per_cell", lambda cell: 5)  # the digits have no tabulated size
+    assert main(argv + ["--only", "digits/fa*", "--list"]) == 0
+    assert "\n10 steps in all" in capsys.readouterr().out  # 5 steps x 2 seeds of one run directory, counted once
+
+
+def test_only_the_row_same_as_another_trains_that_rows_runs(tmp_path: Path) -> None:
+    path = tiny_file(tmp_path, SAME_AS)
+    table = reproduce(path, "smoke", seeds=1, only="digits/fa_again", output_dir=tmp_path, report=False,
+                      verbose=False, log=quiet)
+    by_id = {c["id"]: c for c in table["cells"]}
+    assert (tmp_path / "smoke" / "digits" / "fa" / "s0" / "final.json").is_file()
+    assert by_id["digits/fa"]["status"] == by_id["digits/fa_again"]["status"] == "done"
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ('same_as = "fa"', 'same_as = "fx"', r"row 'fa_again': same_as 'fx'; allowed: the id of another row"),
+    ('same_as = "fa"', 'same_as = "fa_again"', r"row 'fa_again': same_as 'fa_again'; allowed: the id of another"),
+    ('id = "fa"\nlabel = "FA"', 'id = "fa"\nlabel = "FA"\nsame_as = "bp"',
+     r"row 'fa_again': same_as 'fa' is itself the same as 'bp'; name 'bp'"),
+    ('id = "wide"', 'id = "wide"\nsame_as = "digits"', r"column 'wide': same_as is a key of rows only"),
+    ('column = "digits"\nrow = "fa"\npublished = 8.0\nnote = "FA cell"', 'column = "wide"\nrow = "bp"\npublished = 1.0',
+     r"cell digits/fa_again: row 'fa_again' is the same as row 'fa', but the file lists no cell digits/fa"),
+])
+def test_a_bad_same_as_gives_one_line(tmp_path: Path, old: str, new: str, message: str) -> None:
+    assert old in SAME_AS
+    with pytest.raises(ExperimentError, match=r"^tiny\.toml: " + message):
+        load_experiment(tiny_file(tmp_path, SAME_AS.replace(old, new, 1)))
+
+
+def test_shipped_rows_same_as_another_train_bit_for_bit_as_it(data_root: Path, tmp_path: Path) -> None:
+    """What a file asserts with same_as holds: the row's own config and the other row's train to the same weights
+    (and rule state) for several steps, with the same seed, in the first column each such row has."""
+    import torch
+    from bioprop.engine import train
+    from bioprop.engine.checkpoint import load_checkpoint
+    from bioprop.engine.config import config_from_dict
+
+    checked = []
+    for name in list_experiments():
+        seen = set()
+        for cell in load_experiment(name).cells("smoke"):
+            if not cell.same_as or cell.row in seen:
+                continue
+            seen.add(cell.row)
+            states = []
+            for which, values, seed in (("stated", cell.stated_values, 3), ("same_as", cell.values, 3),
+                                        ("other_seed", cell.stated_values, 4)):
+                out = tmp_path / name / cell.row / which
+                assert values is not None
+                train(config_from_dict(dict(values, seed=seed, max_steps=6, output_dir=str(out),
+                                            data_root=str(data_root), verbose=False, progress=False)))
+                states.append(load_checkpoint(out / "checkpoint.pt")["model"])
+            stated, target, other = states
+            assert stated.keys() == target.keys()
+            for key in stated:
+                assert torch.equal(stated[key], target[key]), (name, cell.id, key)
+            assert any(not torch.equal(stated[k], other[k]) for k in stated)  # the comparison can fail
+            checked.append(f"{name}:{cell.row}")
+    assert "liao2016:psf_p1_nobn_bm" in checked

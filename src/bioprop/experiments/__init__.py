@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from .results import CELL_STATUSES, build_table, mean_std, render_markdown, verdict, write_reports, write_results
+from .results import (CELL_STATUSES, build_table, existing_reports, mean_std, render_markdown, verdict, write_reports,
+                      write_results)
 from .runner import Plan, check_finished, check_output, execute, make_plan, print_commands, run_config, run_dir, run_state, steps_per_cell, \
     table_plan
 from .spec import (SCALES, Cell, Claim, Experiment, ExperimentError, list_experiments, load_experiment, merge,
@@ -34,6 +35,7 @@ def collect(name: str | Path, scale: str = "quick", seeds: int | None = None, on
             plan: Plan | None = None) -> dict[str, Any]:
     """Build the table from the run directories that exist (nothing is trained) and write ``results.md``,
     ``results.json`` and, with ``report``, one analysis report per column, into ``<output-dir>/<scale>``.
+    Without ``report``, ``results.md`` still links the figures and reports an earlier call drew, marked as such.
 
     The table holds every cell of the experiment (:func:`~bioprop.experiments.runner.table_plan`). With
     ``seeds = None`` every cell shows the seeds it has on disk, so cells run with different seed counts each
@@ -56,7 +58,7 @@ def collect(name: str | Path, scale: str = "quick", seeds: int | None = None, on
     from ..engine.distributed import detect
     table = build_table(plan)
     if detect().is_main:  # under torchrun only rank 0 writes
-        reports = write_reports(plan, table) if report else None
+        reports = write_reports(plan, table) if report else existing_reports(plan, table)
         write_results(table, plan.scale_dir, reports)
     return table
 

@@ -42,7 +42,8 @@ def add_parser(sub: Any) -> None:
     mode.add_argument("--collect", action="store_true", help="build the table from the run directories that "
                                                              "exist, without training")
     p.add_argument("--no-report", dest="report", action="store_false",
-                   help="do not write the analysis reports (results.md and results.json only)")
+                   help="do not draw the analysis reports or claim figures (results.md and results.json "
+                        "only; results.md keeps links to those an earlier call drew)")
     p.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no per-epoch lines or progress bars from the runs")
 
@@ -135,7 +136,7 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
     exp = plan.experiment
     seeds = f"seeds 0..{plan.seeds[-1]}" if len(plan.seeds) > 1 else "seed 0"
     lines = [f"{exp.name}: {exp.title} ({exp.paper}); scale {plan.scale}, {seeds}, {len(plan.cells)} cells"]
-    total = 0
+    total, counted = 0, set()
     for cell in plan.cells:
         steps = steps_per_cell(cell)
         published = "-" if cell.published is None else f"{cell.published:g}"
@@ -144,28 +145,29 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
         else:
             missing = data_missing(cell, plan.data_root)
             status = f"data not present: {missing}" if missing else "ready"
+        if cell.same_as:
+            status += f" (the runs of {cell.column}/{cell.same_as})"
         lines.append(f"{cell.id:<28} published {published:<7} steps/seed {steps if steps is not None else '?':<9} "
                      f"{status}")
         lines.append(f"    {_config_line(cell.values)}")
-        if status != "ready":
+        if not status.startswith("ready"):
             continue
         for seed in plan.seeds:
             path = run_dir(plan, cell, seed)
             state = run_state(path)
-            remaining = steps
-            if state.state == "interrupted" and steps is not None:
+            remaining = steps  # --list counts every run; --dry-run what is left of each
+            if dry_run and state.state == "interrupted" and steps is not None:
                 epochs = int(cell.values.get("epochs", TrainConfig.epochs))
                 remaining = steps - steps * state.epoch // max(epochs, 1)
-            elif state.state in ("done", "diverged"):
+            elif dry_run and state.state in ("done", "diverged"):
                 remaining = 0
-            total += remaining or 0
+            if path not in counted:  # a row same_as another shares its runs: count them once
+                counted.add(path)
+                total += remaining or 0
             if dry_run:
                 lines.append(f"    s{seed}: {_action(plan, cell, seed, path, state)} -> {path}")
     if dry_run:
         lines += _others_refused(plan)
     what = "steps left to run" if dry_run else "steps in all (runnable cells, every seed, nothing done yet counted)"
-    if not dry_run:
-        total = sum((steps_per_cell(c) or 0) * len(plan.seeds) for c in plan.cells
-                    if not c.missing and not data_missing(c, plan.data_root))
     lines.append(f"{total} {what}; results in {plan.scale_dir}")
     return lines

@@ -70,6 +70,7 @@ def build_table(plan: Plan) -> dict[str, Any]:
             "id": cell.id, "column": cell.column, "row": cell.row, "column_label": cell.column_label,
             "row_label": cell.row_label, "published": cell.published, "published_source": cell.source,
             "published_status": cell.status, "note": cell.note, "seeds": list(plan.seeds_of(cell)),
+            "same_as": f"{cell.column}/{cell.same_as}" if cell.same_as else None,
         }
         missing_data = "" if cell.missing else data_missing(cell, plan.data_root)
         runs = [] if cell.missing else [
@@ -172,6 +173,8 @@ def render_markdown(table: dict[str, Any], reports: dict[str, str] | None = None
             published += " (recalled)"
         gap = "-" if c["gap"] is None else f"{c['gap']:+.2f}"
         status = c["status"] + (f": {c['reason']}" if c["reason"] else "")
+        if c.get("same_as"):
+            status += f" (the runs of {c['same_as']})"
         lines.append(f"| {c['column_label']} | {c['row_label']} | {_value(c['mean'], c['std'])} | {published} | "
                      f"{gap} | {c['seeds_done']}/{len(c['seeds'])} | {c['epochs'] or '-'} | {c['steps'] or '-'} | "
                      f"{format_seconds(c['wall_time_s'])} | {status.replace('|', '/')} |")
@@ -200,9 +203,34 @@ def write_results(table: dict[str, Any], folder: Path, reports: dict[str, str] |
     return md_path, json_path
 
 
+def claim_points(claim: dict[str, Any], cells: dict[str, dict[str, Any]]
+                 ) -> list[tuple[str, float, float, str]] | None:
+    """What the figure of an ``order`` claim draws: per cell in the claim's order ``(row label, mean, std, mark)``.
+
+    ``mean`` is NaN for a cell without one to show (diverged, not run, ...), and ``mark`` then names its status;
+    a cell with only some seeds finished has its mean and ``mark`` ``"k/n seeds"``; a finished cell has ``""``.
+    None where no figure is drawn: not an ``order`` claim, fewer than three cells, a cell not in the table, or
+    fewer than two cells with a mean.
+    """
+    entries = [cells.get(ident) for ident in claim["cells"]]
+    if claim["kind"] != "order" or len(entries) < 3 or any(e is None for e in entries):
+        return None
+    points = []
+    for e in entries:
+        assert e is not None
+        if e["mean"] is None or e["status"] not in ("done", "partial"):
+            points.append((e["row_label"], math.nan, 0.0, e["status"]))
+        else:
+            mark = f"{e['seeds_done']}/{len(e['seeds'])} seeds" if e["status"] == "partial" else ""
+            points.append((e["row_label"], float(e["mean"]), float(e["std"] or 0.0), mark))
+    return points if sum(not math.isnan(p[1]) for p in points) >= 2 else None
+
+
 def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
-    """One figure per ``order`` claim over three or more finished cells: each cell's mean (± std over seeds) in
-    the claim's order, e.g. liao2016's test error against the fraction of concordant signs.
+    """One figure per ``order`` claim over three or more cells of which at least two have a mean: each cell's
+    mean (± std over seeds) in the claim's order, e.g. liao2016's test error against the fraction of concordant
+    signs. A cell with some seeds finished is drawn hollow; one without a mean (diverged, not run, ...) is marked
+    with a cross at the top of the axes and its status, so one failed cell does not hide the rest.
 
     Returns:
         claim id -> figure path relative to ``folder`` (``figures/<claim id>.png``).
@@ -215,16 +243,23 @@ def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
     unit = "box AP (%)" if table["metric"] == "ap" else "test error (%)"
     figures = {}
     for claim in table["claims"]:
-        entries = [cells.get(ident) for ident in claim["cells"]]
-        if (claim["kind"] != "order" or len(entries) < 3
-                or any(e is None or e["status"] != "done" or e["mean"] is None for e in entries)):
+        points = claim_points(claim, cells)
+        if points is None:
             continue
-        means = [e["mean"] for e in entries]  # type: ignore[index]
-        stds = [e["std"] or 0.0 for e in entries]  # type: ignore[index]
-        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(entries), 3.2))
-        ax.errorbar(range(len(entries)), means, yerr=stds, marker="o", capsize=3)
-        ax.set_xticks(range(len(entries)), [e["row_label"] for e in entries], rotation=30, ha="right",  # type: ignore[index]
-                      fontsize=7)
+        means = [m for _, m, _, _ in points]
+        xs = range(len(points))
+        fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(points), 3.2))
+        ax.errorbar(xs, means, yerr=[s for _, _, s, _ in points], marker="o", capsize=3, color="C0")
+        for x, (_, mean, _, mark) in zip(xs, points):
+            if not math.isnan(mean) and mark:  # some seeds finished
+                ax.plot([x], [mean], marker="o", markersize=9, markerfacecolor="white", color="C0", zorder=3)
+                ax.annotate(mark, (x, mean), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=6)
+            elif math.isnan(mean):
+                ax.plot([x], [0.93], marker="x", color="C3", transform=ax.get_xaxis_transform(), clip_on=False)
+                ax.annotate(mark, (x, 0.85), xycoords=ax.get_xaxis_transform(), ha="center", fontsize=6,
+                            color="C3")
+        ax.set_xticks(list(xs), [label for label, _, _, _ in points], rotation=30, ha="right", fontsize=7)
+        ax.set_xlim(-0.5, len(points) - 0.5)
         ax.set_ylabel(unit)
         ax.set_title(f"{claim['id']}: {claim['verdict']}", fontsize=8)
         fig.tight_layout()
@@ -249,13 +284,31 @@ def write_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for c in table["cells"]:
         finished = [r for r in c["runs"] if r["state"] == "done"]
-        if finished:
+        if finished and not c.get("same_as"):  # a row same_as another shows that row's runs, already drawn
             by_column.setdefault(c["column"], []).append((plan.scale_dir / finished[0]["run_dir"], c["row_label"]))
             labels[c["column"]] = c["column_label"]
     reports = {f"claim {ident}": path for ident, path in write_claim_figures(table, plan.scale_dir).items()}
     for column, runs in by_column.items():
-        path = write_report([run for run, _ in runs], plan.scale_dir / "report" / column,
+        path = write_report([run for run, _ in runs], plan.scale_dir / report_path(column).parent,
                             title=f"{table['title']}: {labels[column]} ({table['scale']} scale)",
                             labels=[label for _, label in runs])
         reports[labels[column]] = str(path.relative_to(plan.scale_dir))
     return reports
+
+
+def report_path(column: str) -> Path:
+    """Where a column's analysis report goes, relative to the scale directory."""
+    return Path("report") / column / "report.html"
+
+
+def existing_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
+    """The claim figures and column reports an earlier call left in the scale directory, for ``results.md`` of
+    a call that does not draw them (``--no-report``): links that stay, each marked as not redrawn.
+
+    Returns:
+        label -> path relative to the scale directory, in the order :func:`write_reports` gives.
+    """
+    candidates = {f"claim {c['id']}": Path("figures") / f"{c['id']}.png" for c in table["claims"]}
+    candidates.update({c["column_label"]: report_path(c["column"]) for c in table["cells"]})
+    return {f"{label} (from an earlier call, not redrawn)": str(path) for label, path in candidates.items()
+            if (plan.scale_dir / path).is_file()}

@@ -141,7 +141,7 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
             if cell.id in plan.cell_seeds:
                 cell_seeds[cell.id] = plan.cell_seeds[cell.id]
             continue
-        folder = plan.scale_dir / cell.column / cell.row
+        folder = run_dir(plan, cell, 0).parent
         on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()
                          and (d / "config.json").exists()) if folder.is_dir() else []
         if on_disk and on_disk != plan.seeds:
@@ -150,8 +150,9 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
 
 
 def run_dir(plan: Plan, cell: Cell, seed: int) -> Path:
-    """``<output-dir>/<scale>/<column>/<row>/s<seed>``."""
-    return plan.scale_dir / cell.column / cell.row / f"s{seed}"
+    """``<output-dir>/<scale>/<column>/<row>/s<seed>``, with the row whose runs the cell shows
+    (:attr:`Cell.run_row`: a row declared ``same_as`` another has that row's directories)."""
+    return plan.scale_dir / cell.column / cell.run_row / f"s{seed}"
 
 
 def run_config(plan: Plan, cell: Cell, seed: int, **extra: Any) -> TrainConfig:
@@ -442,14 +443,17 @@ def _how_it_starts(state: RunState, path: Path) -> str:
 
 def pending_runs(plan: Plan) -> list[tuple[Cell, int, RunState]]:
     """The (cell, seed, state) still to train: runnable cells with data, neither finished nor diverged (those are
-    checked against their cells by :func:`check_finished`)."""
-    work = []
+    checked against their cells by :func:`check_finished`), each run directory once (a cell whose row is
+    ``same_as`` another shares that row's runs, so whichever of the two is selected first trains them)."""
+    work, taken = [], set()
     for cell in plan.cells:
         if cell.missing or data_missing(cell, plan.data_root):
             continue
         for seed in plan.seeds:
-            state = run_state(run_dir(plan, cell, seed))
-            if state.state not in ("done", "diverged"):
+            path = run_dir(plan, cell, seed)
+            state = run_state(path)
+            if state.state not in ("done", "diverged") and path not in taken:
+                taken.add(path)
                 work.append((cell, seed, state))
     return work
 

@@ -10,12 +10,16 @@ the section) and says what is allowed. A cell whose rule, rule options, constrai
 this installation is an error too (a typo must not pass as a missing method), unless its row, column or cell says
 ``pending = true``: a method that is planned but not registered yet is kept and marked *not implemented*, so the
 table still lists it.
+
+A row that says ``same_as = "<row>"`` states its own config and asserts that it trains bit for bit as that row
+(liao2016's partial concordance at p = 1 is frSF): its cells take that row's config and run directories, train
+nothing of their own, and show that row's runs under their own label, note and claims.
 """
 from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -46,7 +50,7 @@ RUNNER_KEYS = ("seed", "output_dir", "resume", "overwrite", "data_root")
 _KEYS = {
     "top": {"experiment", "defaults", "scales", "columns", "rows", "cells", "claims"},
     "experiment": {"name", "title", "paper", "source", "status", "metric", "notes"},
-    "axis": {"id", "label", "config", "scales", "note", "pending"},
+    "axis": {"id", "label", "config", "scales", "note", "pending", "same_as"},
     "cell": {"row", "column", "published", "source", "status", "config", "scales", "note", "pending"},
     "claim": {"id", "text", "kind", "cells", "margin", "tolerance", "threshold"},
 }
@@ -97,6 +101,10 @@ class Cell:
         note: shown beside the cell.
         values: the merged config values (every key a TrainConfig key, without seed and output_dir).
         missing: why the method cannot run in this installation ("" when it can).
+        same_as: the row whose run directories hold this cell's runs, when the cell's row is declared the same
+            computation as that row (``""`` otherwise); ``values`` are then that row's cell's.
+        stated_values: with ``same_as``, the config the file states for this cell itself (which must train
+            exactly as ``values``: ``tests/test_reproduce.py`` checks the shipped files); else None.
     """
 
     row: str
@@ -109,10 +117,17 @@ class Cell:
     note: str
     values: dict[str, Any]
     missing: str = ""
+    same_as: str = ""
+    stated_values: dict[str, Any] | None = None
 
     @property
     def id(self) -> str:
         return f"{self.column}/{self.row}"
+
+    @property
+    def run_row(self) -> str:
+        """The row whose run directories hold this cell's runs: ``same_as`` or the cell's own row."""
+        return self.same_as or self.row
 
 
 @dataclass
@@ -274,6 +289,7 @@ def _check_structure(experiment: Experiment, where: str) -> None:
             _check_config_table(entry.get("config", {}), where, f"{what}: config")
             _check_scales(entry.get("scales", {}), where, f"{what}: scales", required=False)
         axes[kind] = seen
+    aliases = _check_aliases(raw["rows"], raw["columns"], where)
     claims = _check_claims(raw.get("claims", []), where)
     claimed = {c for claim in claims for c in claim.cells}
     cells = raw.get("cells", [])
@@ -309,12 +325,34 @@ def _check_structure(experiment: Experiment, where: str) -> None:
                                   f"{', '.join(PUBLISHED_STATUSES)}")
         _check_config_table(entry.get("config", {}), where, f"cell {ident}: config")
         _check_scales(entry.get("scales", {}), where, f"cell {ident}: scales", required=False)
+    for ident in seen:
+        column, row = ident.split("/")
+        if row in aliases and f"{column}/{aliases[row]}" not in seen:
+            raise ExperimentError(f"{where}: cell {ident}: row {row!r} is the same as row {aliases[row]!r}, but "
+                                  f"the file lists no cell {column}/{aliases[row]}; add it to [[cells]]")
     for claim in claims:
         for ident in claim.cells:
             if ident not in seen:
                 raise ExperimentError(f"{where}: claim {claim.id!r}: unknown cell {ident!r}; cells are "
                                       "'<column>/<row>' pairs listed in [[cells]]")
     experiment.claims = claims
+
+
+def _check_aliases(rows: list[dict[str, Any]], columns: list[dict[str, Any]], where: str) -> dict[str, str]:
+    """``{row: the row it is the same as}`` for the rows that say ``same_as``, checked: the target is another row
+    without ``same_as`` of its own."""
+    for column in columns:
+        if "same_as" in column:
+            raise ExperimentError(f"{where}: column {column['id']!r}: same_as is a key of rows only")
+    ids = {row["id"] for row in rows}
+    aliases = {row["id"]: row["same_as"] for row in rows if "same_as" in row}
+    for row, target in aliases.items():
+        what = f"{where}: row {row!r}: same_as {target!r}"
+        if not isinstance(target, str) or target not in ids or target == row:
+            raise ExperimentError(f"{what}; allowed: the id of another row ({', '.join(sorted(ids - {row}))})")
+        if target in aliases:
+            raise ExperimentError(f"{what} is itself the same as {aliases[target]!r}; name {aliases[target]!r}")
+    return aliases
 
 
 def _check_claims(entries: Any, where: str) -> list[Claim]:
@@ -386,11 +424,16 @@ def _expand(experiment: Experiment, entry: dict[str, Any], scale: str) -> Cell:
         raise ExperimentError(f"{experiment.path.name}: cell {ident} (scale {scale}): {'; '.join(missing)} (mark "
                               "the row, column or cell `pending = true` if the method is planned)")
     published = entry.get("published")
-    return Cell(row=row["id"], column=column["id"], row_label=str(row.get("label", row["id"])),
+    cell = Cell(row=row["id"], column=column["id"], row_label=str(row.get("label", row["id"])),
                 column_label=str(column.get("label", column["id"])),
                 published=None if published is None else float(published),
                 source=str(entry.get("source", experiment.source)), status=entry.get("status", experiment.status),
                 note=str(entry.get("note", "")), values=values, missing="; ".join(missing))
+    if "same_as" not in row:
+        return cell
+    target = _expand(experiment, next(e for e in raw["cells"]
+                                      if e["column"] == column["id"] and e["row"] == row["same_as"]), scale)
+    return replace(cell, values=target.values, missing=target.missing, same_as=target.row, stated_values=values)
 
 
 def resolve_config(values: Mapping[str, Any]) -> tuple[TrainConfig, list[str]]:
