@@ -304,6 +304,11 @@ def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert ("- Digits MLP (from an earlier call, not redrawn): [report/digits/report.html](report/digits/report.html)"
             in (tmp_path / "out" / "smoke" / "results.md").read_text())
     assert "Digits MLP 1x32" not in (tmp_path / "out" / "smoke" / "results.md").read_text().split("## Analysis")[1]
+    stale = tmp_path / "out" / "smoke" / "figures" / "future_close.png"  # a figure nothing would draw now
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    stale.write_bytes(b"old")
+    assert main(argv + ["--collect", "--no-report"]) == 0
+    assert "future_close.png" not in (tmp_path / "out" / "smoke" / "results.md").read_text()
 
 
 def test_collect_keeps_finished_runs_where_the_data_is_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -580,7 +585,8 @@ def test_a_row_same_as_another_shows_that_rows_runs_and_trains_nothing(tmp_path:
     assert capsys.readouterr().out == ""  # fa's runs are finished, so the row same_as fa has nothing to run
     assert main(argv + ["--only", "digits/fa*", "--dry-run"]) == 0
     dry = capsys.readouterr().out
-    assert "ready (the runs of digits/fa)" in dry and dry.count("skip (finished) -> ") == 4
+    assert "ready (the runs of digits/fa)" in dry and dry.count("skip (finished) -> ") == 2
+    assert dry.count("shared with digits/fa -> ") == 2
     assert "\n0 steps left to run" in dry
     import bioprop.experiments.cli as experiments_cli
     monkeypatch.setattr(experiments_cli, "steps_per_cell", lambda cell: 5)  # the digits have no tabulated size
@@ -595,6 +601,12 @@ def test_only_the_row_same_as_another_trains_that_rows_runs(tmp_path: Path) -> N
     by_id = {c["id"]: c for c in table["cells"]}
     assert (tmp_path / "smoke" / "digits" / "fa" / "s0" / "final.json").is_file()
     assert by_id["digits/fa"]["status"] == by_id["digits/fa_again"]["status"] == "done"
+    # asking for two seeds of either cell asks for them of both: the same runs never get two statuses
+    for only in ("digits/fa_again", "digits/fa"):
+        two = {c["id"]: c for c in collect(path, "smoke", seeds=2, only=only, output_dir=tmp_path,
+                                           report=False)["cells"]}
+        assert two["digits/fa"]["seeds"] == two["digits/fa_again"]["seeds"] == [0, 1]
+        assert two["digits/fa"]["status"] == two["digits/fa_again"]["status"] == "partial"
 
 
 @pytest.mark.parametrize("old, new, message", [
@@ -605,6 +617,15 @@ def test_only_the_row_same_as_another_trains_that_rows_runs(tmp_path: Path) -> N
     ('id = "wide"', 'id = "wide"\nsame_as = "digits"', r"column 'wide': same_as is a key of rows only"),
     ('column = "digits"\nrow = "fa"\npublished = 8.0\nnote = "FA cell"', 'column = "wide"\nrow = "bp"\npublished = 1.0',
      r"cell digits/fa_again: row 'fa_again' is the same as row 'fa', but the file lists no cell digits/fa"),
+    ('row = "fa_again"\npublished = 8.5', 'row = "fa_again"\npublished = 8.5\nconfig = { lr = 0.5 }',
+     r"cell digits/fa_again: row 'fa_again' is the same as row 'fa', so its cells train that row's cells; remove"),
+    ('same_as = "fa"', 'same_as = "fa"\nscales = { quick = { epochs = 9 } }',
+     r"row 'fa_again': same_as 'fa': its runs are that row's at every scale; remove scales from the row"),
+    ('config = { rule = "fa" }', 'config = { rule = "fa", lr = 0.5 }',
+     r"cell digits/fa_again \(scale \w+\): its row is the same as row 'fa', but their cells differ in lr, which the "
+     r"row does not set"),
+    ('cells = ["digits/future", "digits/bp"]', 'cells = ["digits/fa", "digits/fa_again"]',
+     r"claim 'future_close': cells digits/fa and digits/fa_again show the same runs \(same_as\)"),
 ])
 def test_a_bad_same_as_gives_one_line(tmp_path: Path, old: str, new: str, message: str) -> None:
     assert old in SAME_AS

@@ -116,14 +116,17 @@ def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> s
 def _others_refused(plan: Plan) -> list[str]:
     """Lines for the runs of the table's cells outside ``--only`` that a run would refuse (it checks the whole
     table before training)."""
-    selected = {cell.id for cell in plan.cells}
+    selected = {(cell.column, cell.run_row) for cell in plan.cells}  # by runs: same_as rows share them
     whole = table_plan(plan)
-    lines = []
+    lines, seen = [], set()
     for cell in whole.cells:
-        if cell.id in selected or cell.missing:
+        if (cell.column, cell.run_row) in selected or cell.missing:
             continue
         for seed in whole.seeds_of(cell):
             path = run_dir(whole, cell, seed)
+            if path in seen:
+                continue
+            seen.add(path)
             state = run_state(path)
             action = _action(whole, cell, seed, path, state)
             if action.startswith("refuse"):
@@ -136,7 +139,7 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
     exp = plan.experiment
     seeds = f"seeds 0..{plan.seeds[-1]}" if len(plan.seeds) > 1 else "seed 0"
     lines = [f"{exp.name}: {exp.title} ({exp.paper}); scale {plan.scale}, {seeds}, {len(plan.cells)} cells"]
-    total, counted = 0, set()
+    total, counted = 0, {}  # counted: run directory -> the cell that showed it first
     for cell in plan.cells:
         steps = steps_per_cell(cell)
         published = "-" if cell.published is None else f"{cell.published:g}"
@@ -161,11 +164,13 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
                 remaining = steps - steps * state.epoch // max(epochs, 1)
             elif dry_run and state.state in ("done", "diverged"):
                 remaining = 0
-            if path not in counted:  # a row same_as another shares its runs: count them once
-                counted.add(path)
+            shared = counted.get(path)  # a row same_as another shares its runs: count and act on them once
+            if shared is None:
+                counted[path] = cell.id
                 total += remaining or 0
             if dry_run:
-                lines.append(f"    s{seed}: {_action(plan, cell, seed, path, state)} -> {path}")
+                action = f"shared with {shared}" if shared else _action(plan, cell, seed, path, state)
+                lines.append(f"    s{seed}: {action} -> {path}")
     if dry_run:
         lines += _others_refused(plan)
     what = "steps left to run" if dry_run else "steps in all (runnable cells, every seed, nothing done yet counted)"

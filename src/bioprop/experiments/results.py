@@ -273,27 +273,33 @@ def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
 
 def write_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
     """One ``bioprop report`` per column over the first finished seed of each row (the figures compare the rows,
-    each named by its row label), written to ``<scale dir>/report/<column>/report.html``.
+    each named by its row label; a row same_as another is left out, its runs being that row's), written to
+    ``<scale dir>/report/<column>/report.html``, and the claim figures (:func:`write_claim_figures`).
 
     Returns:
         column label -> report path relative to the scale directory, for the columns with a finished run.
     """
     from ..report import write_report
 
-    by_column: dict[str, list[tuple[Path, str]]] = {}
-    labels: dict[str, str] = {}
+    reports = {f"claim {ident}": path for ident, path in write_claim_figures(table, plan.scale_dir).items()}
+    for column, (label, runs) in _report_columns(table).items():
+        path = write_report([plan.scale_dir / run for run, _ in runs], plan.scale_dir / report_path(column).parent,
+                            title=f"{table['title']}: {label} ({table['scale']} scale)",
+                            labels=[row_label for _, row_label in runs])
+        reports[label] = str(path.relative_to(plan.scale_dir))
+    return reports
+
+
+def _report_columns(table: dict[str, Any]) -> dict[str, tuple[str, list[tuple[str, str]]]]:
+    """column id -> (column label, [(run directory relative to the scale directory, row label)]): the first
+    finished seed of each row with one, leaving out rows same_as another (that row's runs are already there)."""
+    columns: dict[str, tuple[str, list[tuple[str, str]]]] = {}
     for c in table["cells"]:
         finished = [r for r in c["runs"] if r["state"] == "done"]
-        if finished and not c.get("same_as"):  # a row same_as another shows that row's runs, already drawn
-            by_column.setdefault(c["column"], []).append((plan.scale_dir / finished[0]["run_dir"], c["row_label"]))
-            labels[c["column"]] = c["column_label"]
-    reports = {f"claim {ident}": path for ident, path in write_claim_figures(table, plan.scale_dir).items()}
-    for column, runs in by_column.items():
-        path = write_report([run for run, _ in runs], plan.scale_dir / report_path(column).parent,
-                            title=f"{table['title']}: {labels[column]} ({table['scale']} scale)",
-                            labels=[label for _, label in runs])
-        reports[labels[column]] = str(path.relative_to(plan.scale_dir))
-    return reports
+        if finished and not c.get("same_as"):
+            columns.setdefault(c["column"], (c["column_label"], []))[1].append((finished[0]["run_dir"],
+                                                                               c["row_label"]))
+    return columns
 
 
 def report_path(column: str) -> Path:
@@ -302,13 +308,16 @@ def report_path(column: str) -> Path:
 
 
 def existing_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
-    """The claim figures and column reports an earlier call left in the scale directory, for ``results.md`` of
-    a call that does not draw them (``--no-report``): links that stay, each marked as not redrawn.
+    """The claim figures and column reports that :func:`write_reports` would draw for ``table`` and an earlier
+    call left in the scale directory, for ``results.md`` of a call that does not draw them (``--no-report``):
+    links that stay, each marked as not redrawn.
 
     Returns:
         label -> path relative to the scale directory, in the order :func:`write_reports` gives.
     """
-    candidates = {f"claim {c['id']}": Path("figures") / f"{c['id']}.png" for c in table["claims"]}
-    candidates.update({c["column_label"]: report_path(c["column"]) for c in table["cells"]})
+    cells = {c["id"]: c for c in table["cells"]}
+    candidates = {f"claim {c['id']}": Path("figures") / f"{c['id']}.png" for c in table["claims"]
+                  if claim_points(c, cells) is not None}
+    candidates.update({label: report_path(column) for column, (label, _) in _report_columns(table).items()})
     return {f"{label} (from an earlier call, not redrawn)": str(path) for label, path in candidates.items()
             if (plan.scale_dir / path).is_file()}

@@ -133,13 +133,15 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
 
     With ``seeds_on_disk`` every cell, selected or not, has the seeds on disk: the table of runs made with
     different seed counts per cell (``bioprop reproduce NAME --collect`` without ``--seeds``)."""
-    selected = set() if seeds_on_disk else {cell.id for cell in plan.cells}
+    # selected by its runs: a row same_as another shares its runs, so the two cells count the same seeds
+    selected = {} if seeds_on_disk else {(cell.column, cell.run_row): cell for cell in plan.cells}
     cells = plan.experiment.cells(plan.scale)
     cell_seeds = {}
     for cell in cells:
-        if cell.id in selected:
-            if cell.id in plan.cell_seeds:
-                cell_seeds[cell.id] = plan.cell_seeds[cell.id]
+        chosen = selected.get((cell.column, cell.run_row))
+        if chosen is not None:
+            if chosen.id in plan.cell_seeds:
+                cell_seeds[cell.id] = plan.cell_seeds[chosen.id]
             continue
         folder = run_dir(plan, cell, 0).parent
         on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()

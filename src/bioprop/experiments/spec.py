@@ -325,16 +325,26 @@ def _check_structure(experiment: Experiment, where: str) -> None:
                                   f"{', '.join(PUBLISHED_STATUSES)}")
         _check_config_table(entry.get("config", {}), where, f"cell {ident}: config")
         _check_scales(entry.get("scales", {}), where, f"cell {ident}: scales", required=False)
+        if row in aliases and ("config" in entry or "scales" in entry):
+            raise ExperimentError(f"{where}: cell {ident}: row {row!r} is the same as row {aliases[row]!r}, so its "
+                                  "cells train that row's cells; remove config and scales from the cell")
     for ident in seen:
         column, row = ident.split("/")
         if row in aliases and f"{column}/{aliases[row]}" not in seen:
             raise ExperimentError(f"{where}: cell {ident}: row {row!r} is the same as row {aliases[row]!r}, but "
                                   f"the file lists no cell {column}/{aliases[row]}; add it to [[cells]]")
     for claim in claims:
+        runs: dict[str, str] = {}
         for ident in claim.cells:
             if ident not in seen:
                 raise ExperimentError(f"{where}: claim {claim.id!r}: unknown cell {ident!r}; cells are "
                                       "'<column>/<row>' pairs listed in [[cells]]")
+            column, row = ident.split("/")
+            shared = f"{column}/{aliases.get(row, row)}"
+            if shared in runs and runs[shared] != ident:
+                raise ExperimentError(f"{where}: claim {claim.id!r}: cells {runs[shared]} and {ident} show the same "
+                                      "runs (same_as), so the claim would compare a run with itself; name one")
+            runs[shared] = ident
     experiment.claims = claims
 
 
@@ -352,6 +362,8 @@ def _check_aliases(rows: list[dict[str, Any]], columns: list[dict[str, Any]], wh
             raise ExperimentError(f"{what}; allowed: the id of another row ({', '.join(sorted(ids - {row}))})")
         if target in aliases:
             raise ExperimentError(f"{what} is itself the same as {aliases[target]!r}; name {aliases[target]!r}")
+        if "scales" in next(r for r in rows if r["id"] == row):
+            raise ExperimentError(f"{what}: its runs are that row's at every scale; remove scales from the row")
     return aliases
 
 
@@ -433,7 +445,14 @@ def _expand(experiment: Experiment, entry: dict[str, Any], scale: str) -> Cell:
         return cell
     target = _expand(experiment, next(e for e in raw["cells"]
                                       if e["column"] == column["id"] and e["row"] == row["same_as"]), scale)
-    return replace(cell, values=target.values, missing=target.missing, same_as=target.row, stated_values=values)
+    unstated = sorted(k for k in set(values) | set(target.values)
+                      if values.get(k) != target.values.get(k) and k not in row.get("config", {}))
+    if unstated:
+        raise ExperimentError(f"{experiment.path.name}: cell {ident} (scale {scale}): its row is the same as row "
+                              f"{target.row!r}, but their cells differ in {', '.join(unstated)}, which the row does "
+                              "not set; allowed: differences only in the keys of the row's own config")
+    return replace(cell, values=target.values, missing=cell.missing or target.missing, same_as=target.row,
+                   stated_values=values)
 
 
 def resolve_config(values: Mapping[str, Any]) -> tuple[TrainConfig, list[str]]:
