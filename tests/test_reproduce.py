@@ -344,8 +344,26 @@ def test_missing_data_is_reported_with_how_to_get_it(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------ bad files
 
+SAME_AS = TINY.replace('''[[cells]]
+column = "digits"
+row = "future"''', '''[[rows]]
+id = "fa_again"
+label = "FA under another name"
+same_as = "fa"
+config = { rule = "fa", rule_options = {} }
 
-@pytest.mark.parametrize("old, new, message", [
+[[cells]]
+column = "digits"
+row = "fa_again"
+published = 8.5
+
+[[cells]]
+column = "digits"
+row = "future"''')
+
+
+
+@pytest.mark.parametrize("old, new, message, text", [(*case, TINY) for case in [
     ('published = 8.0\nnote = "FA cell"', 'published = 8.0\nbogus = 1', r"cell digits/fa: unknown key 'bogus'"),
     ("config = { lr = 0.02 }", "config = { lr = 0.02, learning_rate = 1 }",
      r"cell wide/fa \(scale \w+\): unknown config key 'learning_rate'"),
@@ -361,11 +379,28 @@ def test_missing_data_is_reported_with_how_to_get_it(tmp_path: Path) -> None:
     ('kind = "within"', 'kind = "near"', r"claim 'future_close': kind 'near'; allowed: order, within, below"),
     ('[scales.smoke]\nepochs = 1', '[scales.tiny]\nepochs = 1', r"\[scales\]: unknown scale 'tiny'"),
     ('name = "tiny"', 'name = "small"', r"\[experiment\]: name 'small' must equal the file name 'tiny'"),
-])
-def test_a_bad_file_gives_one_line_naming_the_file_and_the_cell(tmp_path: Path, old: str, new: str,
-                                                                message: str, capsys: pytest.CaptureFixture) -> None:
-    assert old in TINY
-    path = tiny_file(tmp_path, TINY.replace(old, new, 1))
+]] + [(*case, SAME_AS) for case in [  # rows same_as another
+    ('same_as = "fa"', 'same_as = "fx"', r"row 'fa_again': same_as 'fx'; allowed: the id of another row"),
+    ('same_as = "fa"', 'same_as = "fa_again"', r"row 'fa_again': same_as 'fa_again'; allowed: the id of another"),
+    ('id = "fa"\nlabel = "FA"', 'id = "fa"\nlabel = "FA"\nsame_as = "bp"',
+     r"row 'fa_again': same_as 'fa' is itself the same as 'bp'; name 'bp'"),
+    ('id = "wide"', 'id = "wide"\nsame_as = "digits"', r"column 'wide': same_as is a key of rows only"),
+    ('column = "digits"\nrow = "fa"\npublished = 8.0\nnote = "FA cell"', 'column = "wide"\nrow = "bp"\npublished = 1.0',
+     r"cell digits/fa_again: row 'fa_again' is the same as row 'fa', but the file lists no cell digits/fa"),
+    ('row = "fa_again"\npublished = 8.5', 'row = "fa_again"\npublished = 8.5\nconfig = { lr = 0.5 }',
+     r"cell digits/fa_again: row 'fa_again' is the same as row 'fa', so its cells train that row's cells; remove"),
+    ('same_as = "fa"', 'same_as = "fa"\nscales = { quick = { epochs = 9 } }',
+     r"row 'fa_again': same_as 'fa': its runs are that row's at every scale; remove scales from the row"),
+    ('config = { rule = "fa" }', 'config = { rule = "fa", lr = 0.5 }',
+     r"cell digits/fa_again \(scale \w+\): its row is the same as row 'fa', but their cells differ in lr, which the "
+     r"row does not set"),
+    ('cells = ["digits/future", "digits/bp"]', 'cells = ["digits/fa", "digits/fa_again"]',
+     r"claim 'future_close': cells digits/fa and digits/fa_again show the same runs \(same_as\)"),
+]])
+def test_a_bad_file_gives_one_line_naming_the_file_and_the_cell(tmp_path: Path, old: str, new: str, message: str,
+                                                                text: str, capsys: pytest.CaptureFixture) -> None:
+    assert old in text
+    path = tiny_file(tmp_path, text.replace(old, new, 1))
     with pytest.raises(ExperimentError, match=r"^tiny\.toml: " + message):
         load_experiment(path)
     assert main(["reproduce", str(path), "--list"]) == 2
@@ -542,24 +577,6 @@ def test_claim_figures_show_each_cell_of_an_order_claim_with_what_it_has(tmp_pat
 
 # ------------------------------------------------------------------------------------------ rows same_as another
 
-SAME_AS = TINY.replace('''[[cells]]
-column = "digits"
-row = "future"''', '''[[rows]]
-id = "fa_again"
-label = "FA under another name"
-same_as = "fa"
-config = { rule = "fa", rule_options = {} }
-
-[[cells]]
-column = "digits"
-row = "fa_again"
-published = 8.5
-
-[[cells]]
-column = "digits"
-row = "future"''')
-
-
 def test_a_row_same_as_another_shows_that_rows_runs_and_trains_nothing(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     path = tiny_file(tmp_path, SAME_AS)
@@ -607,30 +624,6 @@ def test_only_the_row_same_as_another_trains_that_rows_runs(tmp_path: Path) -> N
                                            report=False)["cells"]}
         assert two["digits/fa"]["seeds"] == two["digits/fa_again"]["seeds"] == [0, 1]
         assert two["digits/fa"]["status"] == two["digits/fa_again"]["status"] == "partial"
-
-
-@pytest.mark.parametrize("old, new, message", [
-    ('same_as = "fa"', 'same_as = "fx"', r"row 'fa_again': same_as 'fx'; allowed: the id of another row"),
-    ('same_as = "fa"', 'same_as = "fa_again"', r"row 'fa_again': same_as 'fa_again'; allowed: the id of another"),
-    ('id = "fa"\nlabel = "FA"', 'id = "fa"\nlabel = "FA"\nsame_as = "bp"',
-     r"row 'fa_again': same_as 'fa' is itself the same as 'bp'; name 'bp'"),
-    ('id = "wide"', 'id = "wide"\nsame_as = "digits"', r"column 'wide': same_as is a key of rows only"),
-    ('column = "digits"\nrow = "fa"\npublished = 8.0\nnote = "FA cell"', 'column = "wide"\nrow = "bp"\npublished = 1.0',
-     r"cell digits/fa_again: row 'fa_again' is the same as row 'fa', but the file lists no cell digits/fa"),
-    ('row = "fa_again"\npublished = 8.5', 'row = "fa_again"\npublished = 8.5\nconfig = { lr = 0.5 }',
-     r"cell digits/fa_again: row 'fa_again' is the same as row 'fa', so its cells train that row's cells; remove"),
-    ('same_as = "fa"', 'same_as = "fa"\nscales = { quick = { epochs = 9 } }',
-     r"row 'fa_again': same_as 'fa': its runs are that row's at every scale; remove scales from the row"),
-    ('config = { rule = "fa" }', 'config = { rule = "fa", lr = 0.5 }',
-     r"cell digits/fa_again \(scale \w+\): its row is the same as row 'fa', but their cells differ in lr, which the "
-     r"row does not set"),
-    ('cells = ["digits/future", "digits/bp"]', 'cells = ["digits/fa", "digits/fa_again"]',
-     r"claim 'future_close': cells digits/fa and digits/fa_again show the same runs \(same_as\)"),
-])
-def test_a_bad_same_as_gives_one_line(tmp_path: Path, old: str, new: str, message: str) -> None:
-    assert old in SAME_AS
-    with pytest.raises(ExperimentError, match=r"^tiny\.toml: " + message):
-        load_experiment(tiny_file(tmp_path, SAME_AS.replace(old, new, 1)))
 
 
 def test_shipped_rows_same_as_another_train_bit_for_bit_as_it(data_root: Path, tmp_path: Path) -> None:
