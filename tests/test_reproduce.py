@@ -504,7 +504,7 @@ def test_collect_without_seeds_counts_each_cells_seeds_on_disk(tmp_path: Path,
     assert on_disk["digits/bp"]["mean"] == pytest.approx(np.mean([finals["bp", i] for i in range(3)]))
     assert on_disk["digits/fa"]["seeds"] == [0] and on_disk["digits/fa"]["status"] == "done"
     assert on_disk["digits/fa"]["mean"] == pytest.approx(finals["fa", 0])
-    assert on_disk["wide/fa"]["status"] == "not run"
+    assert on_disk["wide/fa"]["status"] == "not run" and on_disk["wide/fa"]["seeds"] == []  # none on disk
 
     three = {c["id"]: c for c in collect(path, "smoke", seeds=3, output_dir=tmp_path, report=False)["cells"]}
     assert three["digits/bp"]["status"] == "done"
@@ -516,6 +516,7 @@ def test_collect_without_seeds_counts_each_cells_seeds_on_disk(tmp_path: Path,
     assert main(["reproduce", str(path), "--scale", "smoke", "--output-dir", str(tmp_path), "--collect",
                  "--no-report"]) == 0
     assert "| 3/3 |" in (tmp_path / "smoke" / "results.md").read_text()
+    assert "| Digits MLP 1x32 | FA | - | - | - | - | - | - | - | not run |" in (tmp_path / "smoke" / "results.md").read_text()
     written = json.loads((tmp_path / "smoke" / "results.json").read_text())
     assert {c["id"]: c["seeds"] for c in written["cells"]}["digits/fa"] == [0]
     assert {c["id"]: c["status"] for c in written["cells"]}["digits/fa"] == "done"

@@ -172,11 +172,12 @@ def render_markdown(table: dict[str, Any], reports: dict[str, str] | None = None
         if c["published"] is not None and c["published_status"] == "recalled":
             published += " (recalled)"
         gap = "-" if c["gap"] is None else f"{c['gap']:+.2f}"
+        seeds = f"{c['seeds_done']}/{len(c['seeds'])}" if c["seeds"] else "-"  # "-": none asked, none on disk
         status = c["status"] + (f": {c['reason']}" if c["reason"] else "")
         if c.get("same_as"):
             status += f" (the runs of {c['same_as']})"
         lines.append(f"| {c['column_label']} | {c['row_label']} | {_value(c['mean'], c['std'])} | {published} | "
-                     f"{gap} | {c['seeds_done']}/{len(c['seeds'])} | {c['epochs'] or '-'} | {c['steps'] or '-'} | "
+                     f"{gap} | {seeds} | {c['epochs'] or '-'} | {c['steps'] or '-'} | "
                      f"{format_seconds(c['wall_time_s'])} | {status.replace('|', '/')} |")
         if c["note"]:
             notes.append(f"- {c['id']}: {c['note']}")

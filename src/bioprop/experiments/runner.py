@@ -131,8 +131,9 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
     cell keeps its seeds in ``plan``, any other cell has the seeds whose run directories exist (or the requested
     ones, when it has none), so running part of a table never drops the rest of it from ``results.md``.
 
-    With ``seeds_on_disk`` every cell, selected or not, has the seeds on disk: the table of runs made with
-    different seed counts per cell (``bioprop reproduce NAME --collect`` without ``--seeds``)."""
+    With ``seeds_on_disk`` every cell, selected or not, has the seeds on disk (none where it has none): the
+    table of runs made with different seed counts per cell (``bioprop reproduce NAME --collect`` without
+    ``--seeds``)."""
     # selected by its runs: a row same_as another shares its runs, so the two cells count the same seeds
     selected = {} if seeds_on_disk else {(cell.column, cell.run_row): cell for cell in plan.cells}
     cells = plan.experiment.cells(plan.scale)
@@ -146,8 +147,8 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
         folder = run_dir(plan, cell, 0).parent
         on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()
                          and (d / "config.json").exists()) if folder.is_dir() else []
-        if on_disk and on_disk != plan.seeds:
-            cell_seeds[cell.id] = on_disk
+        if (on_disk or seeds_on_disk) and on_disk != plan.seeds:
+            cell_seeds[cell.id] = on_disk  # with seeds_on_disk, a cell with none on disk counts none
     return Plan(plan.experiment, plan.scale, plan.seeds, plan.output_dir, plan.data_root, cells, cell_seeds)
 
 
