@@ -614,10 +614,12 @@ def test_a_row_same_as_another_shows_that_rows_runs_and_trains_nothing(tmp_path:
 
 def test_only_the_row_same_as_another_trains_that_rows_runs(tmp_path: Path) -> None:
     path = tiny_file(tmp_path, SAME_AS)
+    lines: list[str] = []
     table = reproduce(path, "smoke", seeds=1, only="digits/fa_again", output_dir=tmp_path, report=False,
-                      verbose=False, log=quiet)
+                      verbose=False, log=lines.append)
     by_id = {c["id"]: c for c in table["cells"]}
     assert (tmp_path / "smoke" / "digits" / "fa" / "s0" / "final.json").is_file()
+    assert "tiny digits/fa_again (the runs of digits/fa) seed 0: starting in " in lines[0]
     assert by_id["digits/fa"]["status"] == by_id["digits/fa_again"]["status"] == "done"
     # asking for two seeds of either cell asks for them of both: the same runs never get two statuses
     for only in ("digits/fa_again", "digits/fa"):

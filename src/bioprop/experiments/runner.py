@@ -416,7 +416,8 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
         config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
                             progress=verbose)
         if main:
-            log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id} seed {seed}: "
+            shared = f" (the runs of {cell.column}/{cell.same_as})" if cell.same_as else ""
+            log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id}{shared} seed {seed}: "
                 f"{_how_it_starts(state, Path(config.output_dir))} in {config.output_dir}")
         try:
             train(config, on_step=on_step)
