@@ -116,11 +116,11 @@ def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> s
 def _others_refused(plan: Plan) -> list[str]:
     """Lines for the runs of the table's cells outside ``--only`` that a run would refuse (it checks the whole
     table before training)."""
-    selected = {(cell.column, cell.run_row) for cell in plan.cells}  # by runs: same_as rows share them
+    selected = {cell.runs_id for cell in plan.cells}  # by runs: same_as rows share them
     whole = table_plan(plan)
     lines, seen = [], set()
     for cell in whole.cells:
-        if (cell.column, cell.run_row) in selected or cell.missing:
+        if cell.runs_id in selected or cell.missing:
             continue
         for seed in whole.seeds_of(cell):
             path = run_dir(whole, cell, seed)
@@ -149,7 +149,7 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
             missing = data_missing(cell, plan.data_root)
             status = f"data not present: {missing}" if missing else "ready"
         if cell.same_as:
-            status += f" (the runs of {cell.column}/{cell.same_as})"
+            status += f" (the runs of {cell.runs_id})"
         lines.append(f"{cell.id:<28} published {published:<7} steps/seed {steps if steps is not None else '?':<9} "
                      f"{status}")
         lines.append(f"    {_config_line(cell.values)}")

@@ -70,7 +70,7 @@ def build_table(plan: Plan) -> dict[str, Any]:
             "id": cell.id, "column": cell.column, "row": cell.row, "column_label": cell.column_label,
             "row_label": cell.row_label, "published": cell.published, "published_source": cell.source,
             "published_status": cell.status, "note": cell.note, "seeds": list(plan.seeds_of(cell)),
-            "same_as": f"{cell.column}/{cell.same_as}" if cell.same_as else None,
+            "same_as": cell.runs_id if cell.same_as else None,
         }
         missing_data = "" if cell.missing else data_missing(cell, plan.data_root)
         runs = [] if cell.missing else [
@@ -264,7 +264,7 @@ def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
         ax.set_ylabel(unit)
         ax.set_title(f"{claim['id']}: {claim['verdict']}", fontsize=8)
         fig.tight_layout()
-        path = folder / "figures" / f"{claim['id']}.png"
+        path = folder / claim_figure_path(claim["id"])
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -308,6 +308,11 @@ def report_path(column: str) -> Path:
     return Path("report") / column / "report.html"
 
 
+def claim_figure_path(claim_id: str) -> Path:
+    """Where a claim's figure goes, relative to the scale directory (:func:`write_claim_figures`)."""
+    return Path("figures") / f"{claim_id}.png"
+
+
 def existing_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
     """The claim figures and column reports that :func:`write_reports` would draw for ``table`` and an earlier
     call left in the scale directory, for ``results.md`` of a call that does not draw them (``--no-report``):
@@ -317,7 +322,7 @@ def existing_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
         label -> path relative to the scale directory, in the order :func:`write_reports` gives.
     """
     cells = {c["id"]: c for c in table["cells"]}
-    candidates = {f"claim {c['id']}": Path("figures") / f"{c['id']}.png" for c in table["claims"]
+    candidates = {f"claim {c['id']}": claim_figure_path(c["id"]) for c in table["claims"]
                   if claim_points(c, cells) is not None}
     candidates.update({label: report_path(column) for column, (label, _) in _report_columns(table).items()})
     return {f"{label} (from an earlier call, not redrawn)": str(path) for label, path in candidates.items()

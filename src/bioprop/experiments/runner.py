@@ -135,11 +135,11 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
     table of runs made with different seed counts per cell (``bioprop reproduce NAME --collect`` without
     ``--seeds``)."""
     # selected by its runs: a row same_as another shares its runs, so the two cells count the same seeds
-    selected = {} if seeds_on_disk else {(cell.column, cell.run_row): cell for cell in plan.cells}
+    selected = {} if seeds_on_disk else {cell.runs_id: cell for cell in plan.cells}
     cells = plan.experiment.cells(plan.scale)
     cell_seeds = {}
     for cell in cells:
-        chosen = selected.get((cell.column, cell.run_row))
+        chosen = selected.get(cell.runs_id)
         if chosen is not None:
             if chosen.id in plan.cell_seeds:
                 cell_seeds[cell.id] = plan.cell_seeds[chosen.id]
@@ -416,7 +416,7 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
         config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
                             progress=verbose)
         if main:
-            shared = f" (the runs of {cell.column}/{cell.same_as})" if cell.same_as else ""
+            shared = f" (the runs of {cell.runs_id})" if cell.same_as else ""
             log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id}{shared} seed {seed}: "
                 f"{_how_it_starts(state, Path(config.output_dir))} in {config.output_dir}")
         try:

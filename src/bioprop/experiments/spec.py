@@ -129,6 +129,12 @@ class Cell:
         """The row whose run directories hold this cell's runs: ``same_as`` or the cell's own row."""
         return self.same_as or self.row
 
+    @property
+    def runs_id(self) -> str:
+        """``"<column>/<run_row>"``: the cell whose runs this cell shows (its own id unless ``same_as``); two
+        cells with one ``runs_id`` share their run directories and seeds."""
+        return f"{self.column}/{self.run_row}"
+
 
 @dataclass
 class Experiment:
@@ -356,13 +362,16 @@ def _check_aliases(rows: list[dict[str, Any]], columns: list[dict[str, Any]], wh
             raise ExperimentError(f"{where}: column {column['id']!r}: same_as is a key of rows only")
     ids = {row["id"] for row in rows}
     aliases = {row["id"]: row["same_as"] for row in rows if "same_as" in row}
-    for row, target in aliases.items():
+    for entry in rows:
+        if "same_as" not in entry:
+            continue
+        row, target = entry["id"], entry["same_as"]
         what = f"{where}: row {row!r}: same_as {target!r}"
         if not isinstance(target, str) or target not in ids or target == row:
             raise ExperimentError(f"{what}; allowed: the id of another row ({', '.join(sorted(ids - {row}))})")
         if target in aliases:
             raise ExperimentError(f"{what} is itself the same as {aliases[target]!r}; name {aliases[target]!r}")
-        if "scales" in next(r for r in rows if r["id"] == row):
+        if "scales" in entry:
             raise ExperimentError(f"{what}: its runs are that row's at every scale; remove scales from the row")
     return aliases
 
