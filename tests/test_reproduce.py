@@ -629,6 +629,38 @@ def test_only_the_row_same_as_another_trains_that_rows_runs(tmp_path: Path) -> N
         assert two["digits/fa"]["status"] == two["digits/fa_again"]["status"] == "partial"
 
 
+def test_runs_of_no_cell_are_named_and_left_out_of_the_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Run directories under a folder the table does not read (a row since renamed, or made same_as another, whose
+    own folder no cell reads) are named by --dry-run and after a table is written, never counted in it."""
+    import shutil
+
+    from bioprop.experiments.runner import unclaimed_runs
+    path = tiny_file(tmp_path, SAME_AS)
+    reproduce(path, "smoke", seeds=1, only="digits/fa", output_dir=tmp_path, report=False, verbose=False,
+              log=lambda line: None)
+    digits = tmp_path / "smoke" / "digits"
+    shutil.copytree(digits / "fa", digits / "fa_again")  # the alias's own name: its cells read fa's folder
+    shutil.copytree(digits / "fa" / "s0", digits / "old" / "s3")
+    (digits / "empty" / "s0").mkdir(parents=True)  # no config.json: not a run directory
+    plan = make_plan(load_experiment(path), "smoke", output_dir=tmp_path)
+    assert unclaimed_runs(plan) == {"digits/fa_again": 1, "digits/old": 1}
+    argv = ["reproduce", str(path), "--scale", "smoke", "--output-dir", str(tmp_path)]
+    note = (f"note: {tmp_path / 'smoke'} holds runs that are no cell of tiny at scale smoke, left out of the table: "
+            "digits/fa_again (1 run), digits/old (1 run)")
+    assert main(argv + ["--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2] == note
+    assert main(argv + ["--collect"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == note
+    table = json.loads((tmp_path / "smoke" / "results.json").read_text())
+    assert not any("old" in str(cell["runs"]) or cell["id"].endswith("/old") for cell in table["cells"])
+    shutil.rmtree(digits / "fa_again")
+    shutil.rmtree(digits / "old")
+    assert unclaimed_runs(plan) == {}
+    assert main(argv + ["--collect"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_shipped_rows_same_as_another_train_bit_for_bit_as_it(data_root: Path, tmp_path: Path) -> None:
     """What a file asserts with same_as holds: the row's own config and the other row's train to the same weights
     (and rule state) for several steps, with the same seed, in the first column each such row has."""

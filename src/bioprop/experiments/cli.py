@@ -8,7 +8,7 @@ from typing import Any
 
 from ..engine.config import TrainConfig
 from .runner import (Plan, RunState, check_output, data_missing, make_plan, print_commands, run_dir, run_state,
-                     stale_reason, steps_per_cell, table_plan)
+                     stale_reason, steps_per_cell, table_plan, unclaimed_line)
 from .spec import SCALES, Cell, ExperimentError, load_experiment
 
 __all__ = ["add_parser", "run_command", "describe", "list_lines"]
@@ -79,6 +79,9 @@ def run_command(args: argparse.Namespace) -> int:
             counts[cell["status"]] = counts.get(cell["status"], 0) + 1
         summary = ", ".join(f"{n} {status}" for status, n in counts.items())
         print(f"{experiment.name} ({args.scale}): {summary}; table in {plan.scale_dir / 'results.md'}")
+        note = unclaimed_line(plan)
+        if note:
+            print(note)
     return 0
 
 
@@ -173,6 +176,8 @@ def describe(plan: Plan, dry_run: bool = False) -> list[str]:
                 lines.append(f"    s{seed}: {action} -> {path}")
     if dry_run:
         lines += _others_refused(plan)
+        note = unclaimed_line(plan)
+        lines += [note] if note else []
     what = "steps left to run" if dry_run else "steps in all (runnable cells, every seed, nothing done yet counted)"
     lines.append(f"{total} {what}; results in {plan.scale_dir}")
     return lines

@@ -28,7 +28,7 @@ from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
            "execute", "print_commands", "read_record", "stale_reason", "check_finished", "check_output",
-           "finished_value", "table_plan", "TRAIN_SIZES", "MAX_SEEDS", "NOT_RESULT_KEYS"]
+           "finished_value", "table_plan", "unclaimed_runs", "unclaimed_line", "TRAIN_SIZES", "MAX_SEEDS", "NOT_RESULT_KEYS"]
 
 #: the most seeds per cell one call may ask for
 MAX_SEEDS = 100
@@ -150,6 +150,33 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
         if (on_disk or seeds_on_disk) and on_disk != plan.seeds:
             cell_seeds[cell.id] = on_disk  # with seeds_on_disk, a cell with none on disk counts none
     return Plan(plan.experiment, plan.scale, plan.seeds, plan.output_dir, plan.data_root, cells, cell_seeds)
+
+
+def unclaimed_runs(plan: Plan) -> dict[str, int]:
+    """The ``"<column>/<row>"`` folders under :attr:`Plan.scale_dir` that hold run directories (``s*/config.json``)
+    but are the runs of no cell of the experiment at this scale, with how many runs each holds: a row renamed,
+    removed or made ``same_as`` another since they ran. The table ignores them; callers say so."""
+    if not plan.scale_dir.is_dir():
+        return {}
+    claimed = {cell.runs_id for cell in plan.experiment.cells(plan.scale)}
+    found: dict[str, int] = {}
+    for config in sorted(plan.scale_dir.glob("*/*/s*/config.json")):
+        folder = config.parent.parent
+        key = f"{folder.parent.name}/{folder.name}"
+        if key not in claimed:
+            found[key] = found.get(key, 0) + 1
+    return found
+
+
+def unclaimed_line(plan: Plan) -> str:
+    """One line naming :func:`unclaimed_runs` (``""`` when there are none)."""
+    found = unclaimed_runs(plan)
+    if not found:
+        return ""
+    shown = ", ".join(f"{key} ({n} run{'s' if n != 1 else ''})" for key, n in list(found.items())[:8])
+    more = f" and {len(found) - 8} more" if len(found) > 8 else ""
+    return (f"note: {plan.scale_dir} holds runs that are no cell of {plan.experiment.name} at scale {plan.scale}, "
+            f"left out of the table: {shown}{more}")
 
 
 def run_dir(plan: Plan, cell: Cell, seed: int) -> Path:
