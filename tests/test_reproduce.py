@@ -570,8 +570,12 @@ def test_claim_figures_show_each_cell_of_an_order_claim_with_what_it_has(tmp_pat
     assert [(label, math.isnan(mean), mark) for label, mean, _, mark in opened[2:]] == [
         ("div", True, "diverged"), ("q", True, "not run")]  # a diverged cell's finished seed is not drawn
     assert claim_points(table["claims"][3], by_id) is None  # one mean only
+    (tmp_path / "figures").mkdir()
+    for name in ("lonely.png", "mine.png"):  # an earlier call's figure of "lonely", and a file of the user's
+        (tmp_path / "figures" / name).write_bytes(b"old")
     figures = write_claim_figures(table, tmp_path)
     assert figures == {"falls": "figures/falls.png", "open": "figures/open.png"}
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == ["falls.png", "mine.png", "open.png"]
     for name in figures.values():
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -231,7 +231,8 @@ def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
     """One figure per ``order`` claim over three or more cells of which at least two have a mean: each cell's
     mean (± std over seeds) in the claim's order, e.g. liao2016's test error against the fraction of concordant
     signs. A cell with some seeds finished is drawn hollow; one without a mean (diverged, not run, ...) is marked
-    with a cross at the top of the axes and its status, so one failed cell does not hide the rest.
+    with a cross at the top of the axes and its status, so one failed cell does not hide the rest. The figure an
+    earlier call drew of a claim that now gets none is removed; other files in ``figures/`` are left alone.
 
     Returns:
         claim id -> figure path relative to ``folder`` (``figures/<claim id>.png``).
@@ -245,7 +246,8 @@ def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
     figures = {}
     for claim in table["claims"]:
         points = claim_points(claim, cells)
-        if points is None:
+        if points is None:  # an earlier call's figure of this claim would show cells it no longer has
+            (folder / claim_figure_path(claim["id"])).unlink(missing_ok=True)
             continue
         means = [m for _, m, _, _ in points]
         xs = range(len(points))
