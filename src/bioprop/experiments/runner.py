@@ -28,7 +28,8 @@ from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
            "execute", "print_commands", "read_record", "stale_reason", "check_finished", "check_output",
-           "finished_value", "table_plan", "unclaimed_runs", "unclaimed_line", "TRAIN_SIZES", "MAX_SEEDS", "NOT_RESULT_KEYS"]
+           "finished_value", "table_plan", "unclaimed_runs", "unclaimed_line", "TRAIN_SIZES", "MAX_SEEDS",
+           "NOT_RESULT_KEYS"]
 
 #: the most seeds per cell one call may ask for
 MAX_SEEDS = 100
