@@ -145,27 +145,35 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
             if chosen.id in plan.cell_seeds:
                 cell_seeds[cell.id] = plan.cell_seeds[chosen.id]
             continue
-        folder = run_dir(plan, cell, 0).parent
-        on_disk = sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()
-                         and (d / "config.json").exists()) if folder.is_dir() else []
+        on_disk = _seeds_on_disk(run_dir(plan, cell, 0).parent)
         if (on_disk or seeds_on_disk) and on_disk != plan.seeds:
             cell_seeds[cell.id] = on_disk  # with seeds_on_disk, a cell with none on disk counts none
     return Plan(plan.experiment, plan.scale, plan.seeds, plan.output_dir, plan.data_root, cells, cell_seeds)
 
 
+def _seeds_on_disk(folder: Path) -> list[int]:
+    """The seeds of the run directories ``folder/s<seed>`` that hold a ``config.json``, sorted (none when
+    ``folder`` is absent)."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()
+                  and (d / "config.json").exists())
+
+
 def unclaimed_runs(plan: Plan) -> dict[str, int]:
-    """The ``"<column>/<row>"`` folders under :attr:`Plan.scale_dir` that hold run directories (``s*/config.json``)
-    but are the runs of no cell of the experiment at this scale, with how many runs each holds: a row renamed,
-    removed or made ``same_as`` another since they ran. The table ignores them; callers say so."""
+    """The ``"<column>/<row>"`` folders under :attr:`Plan.scale_dir` that hold run directories (as
+    :func:`table_plan` counts them: ``s<seed>/config.json``) but are the runs of no cell of the experiment at this
+    scale, with how many runs each holds: a row renamed, removed or made ``same_as`` another since they ran. The
+    table ignores them; callers say so."""
     if not plan.scale_dir.is_dir():
         return {}
     claimed = {cell.runs_id for cell in plan.experiment.cells(plan.scale)}
     found: dict[str, int] = {}
-    for config in sorted(plan.scale_dir.glob("*/*/s*/config.json")):
-        folder = config.parent.parent
+    for folder in sorted(plan.scale_dir.glob("*/*")):
         key = f"{folder.parent.name}/{folder.name}"
-        if key not in claimed:
-            found[key] = found.get(key, 0) + 1
+        runs = len(_seeds_on_disk(folder)) if key not in claimed else 0
+        if runs:
+            found[key] = runs
     return found
 
 
