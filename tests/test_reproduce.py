@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -309,6 +310,29 @@ def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
     stale.write_bytes(b"old")
     assert main(argv + ["--collect", "--no-report"]) == 0
     assert "future_close.png" not in (tmp_path / "out" / "smoke" / "results.md").read_text()
+
+
+def test_a_column_report_goes_once_its_runs_are_gone(tmp_path: Path) -> None:
+    """The report of a column whose finished runs were removed is removed by the next call that draws reports,
+    with its figures; a file of the user's in that folder is kept."""
+    from bioprop.report import FIGURE_IDS
+    path = tiny_file(tmp_path)
+    reproduce(path, "smoke", seeds=1, only="digits/bp", output_dir=tmp_path, verbose=False, log=quiet)
+    folder = tmp_path / "smoke" / "report" / "digits"
+    assert (folder / "report.html").is_file() and (folder / "fig-learning-curves.png").is_file()
+    collect(path, "smoke", seeds=1, output_dir=tmp_path)  # runs still there: the report is redrawn, not removed
+    assert (folder / "report.html").is_file()
+    (folder / "notes.txt").write_text("mine")
+    shutil.rmtree(tmp_path / "smoke" / "digits" / "bp")
+    table = collect(path, "smoke", seeds=1, output_dir=tmp_path)
+    assert {c["status"] for c in table["cells"] if c["column"] == "digits"} == {"not run", "method not implemented"}
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert "report/digits" not in (tmp_path / "smoke" / "results.md").read_text()
+    (folder / "notes.txt").unlink()
+    for fig_id in FIGURE_IDS[:2]:  # a folder left with only report files goes too
+        (folder / f"fig-{fig_id}.png").write_bytes(b"old")
+    collect(path, "smoke", seeds=1, output_dir=tmp_path)
+    assert not folder.exists()
 
 
 def test_collect_keeps_finished_runs_where_the_data_is_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

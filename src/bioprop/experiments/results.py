@@ -277,19 +277,23 @@ def write_claim_figures(table: dict[str, Any], folder: Path) -> dict[str, str]:
 def write_reports(plan: Plan, table: dict[str, Any]) -> dict[str, str]:
     """One ``bioprop report`` per column over the first finished seed of each row (the figures compare the rows,
     each named by its row label; a row same_as another is left out, its runs being that row's), written to
-    ``<scale dir>/report/<column>/report.html``, and the claim figures (:func:`write_claim_figures`).
+    ``<scale dir>/report/<column>/report.html``, and the claim figures (:func:`write_claim_figures`). The report
+    an earlier call wrote of a column that now has no finished run is removed (:func:`bioprop.report.remove_report`).
 
     Returns:
         column label -> report path relative to the scale directory, for the columns with a finished run.
     """
-    from ..report import write_report
+    from ..report import remove_report, write_report
 
     reports = {f"claim {ident}": path for ident, path in write_claim_figures(table, plan.scale_dir).items()}
-    for column, (label, runs) in _report_columns(table).items():
+    columns = _report_columns(table)
+    for column, (label, runs) in columns.items():
         path = write_report([plan.scale_dir / run for run, _ in runs], plan.scale_dir / report_path(column).parent,
                             title=f"{table['title']}: {label} ({table['scale']} scale)",
                             labels=[row_label for _, row_label in runs])
         reports[label] = str(path.relative_to(plan.scale_dir))
+    for column in {c["column"] for c in table["cells"]} - columns.keys():  # an earlier call's report of runs gone
+        remove_report(plan.scale_dir / report_path(column).parent)
     return reports
 
 

@@ -29,8 +29,8 @@ from .figures import learning_curves, lillicrap, per_layer, pyplot, results_tabl
 from .runs import RunData, label_runs, load_run
 from .tsne import TsneFeatures, hidden_features, train_tsne_features, tsne_figure
 
-__all__ = ["RunData", "load_run", "write_report", "TsneFeatures", "train_tsne_features", "hidden_features",
-           "tsne_figure", "FIGURE_IDS"]
+__all__ = ["RunData", "load_run", "write_report", "remove_report", "TsneFeatures", "train_tsne_features",
+           "hidden_features", "tsne_figure", "FIGURE_IDS"]
 
 #: id of every figure of the report, in order (each is a ``<figure id="fig-...">`` and a ``fig-....png``)
 FIGURE_IDS = ("learning-curves", "alignment", "kurtosis", "weight-magnitudes", "grad-agreement", "lillicrap",
@@ -166,3 +166,21 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, *,
     path = out / "report.html"
     path.write_text(page, encoding="utf-8")
     return path
+
+
+def remove_report(out_dir: str | Path) -> bool:
+    """Remove what :func:`write_report` writes into ``out_dir`` (``report.html`` and the ``fig-<id>.png`` of
+    :data:`FIGURE_IDS`), and the folder itself once nothing else is in it; other files are left alone.
+
+    Returns:
+        True if a ``report.html`` was there.
+    """
+    out = Path(out_dir)
+    page = out / "report.html"
+    found = page.is_file()
+    page.unlink(missing_ok=True)
+    for fig_id in FIGURE_IDS:
+        (out / f"fig-{fig_id}.png").unlink(missing_ok=True)
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    return found
