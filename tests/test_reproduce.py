@@ -400,7 +400,9 @@ row = "future"''')
     ("lr = 0.05", "lr = 0.05\nseed = 3", r"\[defaults\]: 'seed' is set by bioprop reproduce"),
     ('cells = ["digits/bp", "digits/fa", "wide/fa"]', 'cells = ["digits/bp", "wide/fa", "wide/bp"]',
      r"claim 'fa_behind': unknown cell 'wide/bp'"),
-    ('kind = "within"', 'kind = "near"', r"claim 'future_close': kind 'near'; allowed: order, within, below"),
+    ('kind = "within"', 'kind = "near"', r"claim 'future_close': kind 'near'; allowed: order, within, below, best_of"),
+    ('kind = "order"\ncells = ["digits/bp", "digits/fa", "wide/fa"]', 'kind = "best_of"\ncells = ["digits/bp"]',
+     r"claim 'fa_behind': kind 'best_of' needs at least 2 cell ids"),
     ('[scales.smoke]\nepochs = 1', '[scales.tiny]\nepochs = 1', r"\[scales\]: unknown scale 'tiny'"),
     ('name = "tiny"', 'name = "small"', r"\[experiment\]: name 'small' must equal the file name 'tiny'"),
 ]] + [(*case, SAME_AS) for case in [  # rows same_as another
@@ -463,6 +465,12 @@ def test_claim_verdicts_on_hand_made_results() -> None:
     below = Claim("b", "a below 2", "below", ("a",), threshold=2.0)
     assert verdict(below, {"a": entry(2.0)})["verdict"] == "holds"
     assert verdict(below, {"a": entry(2.01)})["verdict"] == "does not hold"
+    best = Claim("s", "a or b beats c", "best_of", ("a", "b", "c"), margin=0.5)
+    assert verdict(best, {"a": entry(3.0), "b": entry(1.5), "c": entry(2.0)})["verdict"] == "holds"  # b, the best
+    assert verdict(best, {"a": entry(1.6), "b": entry(3.0), "c": entry(2.0)})["verdict"] == "does not hold"
+    assert "the best of the first, b," in verdict(best, {"a": entry(3.0), "b": entry(1.5), "c": entry(2.0)})["reason"]
+    assert verdict(best, {"a": entry(0.1), "b": entry(1.0, "diverged"), "c": entry(2.0)}) == {
+        "verdict": "not testable here", "reason": "b is diverged"}
     missing = verdict(within, {"a": entry(None, "data not present"), "b": entry(1.0)})
     assert missing == {"verdict": "not testable here", "reason": "a is data not present"}
     assert verdict(within, {"a": entry(1.0, "partial"), "b": entry(1.0)})["verdict"] == "not testable here"

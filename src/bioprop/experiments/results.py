@@ -137,6 +137,10 @@ def verdict(claim: Claim, cells: dict[str, dict[str, Any]]) -> dict[str, Any]:
     elif claim.kind == "within":
         ok = abs(means[0] - means[1]) <= claim.tolerance
         detail = (f"{shown}: difference {abs(means[0] - means[1]):.2f} (tolerance {claim.tolerance:g})")
+    elif claim.kind == "best_of":
+        best = min(range(len(means) - 1), key=means.__getitem__)
+        ok = means[best] + claim.margin <= means[-1]
+        detail = f"{shown} (the best of the first, {claim.cells[best]}, + {claim.margin:g} <= the last)"
     else:
         ok = means[0] <= claim.threshold
         detail = f"{shown} (threshold {claim.threshold:g})"

@@ -42,7 +42,7 @@ PUBLISHED_STATUSES = ("verified", "recalled")
 #: test error at its best validation epoch.
 #: ``ap``: COCO box AP in % (100 × ``final_ap`` of a detection run; higher is better).
 METRICS = ("test_error", "best_test_error", "ap")
-CLAIM_KINDS = ("order", "within", "below")
+CLAIM_KINDS = ("order", "within", "below", "best_of")
 
 #: config keys set by ``bioprop reproduce`` itself, never by a file
 RUNNER_KEYS = ("seed", "output_dir", "resume", "overwrite", "data_root")
@@ -76,7 +76,9 @@ class Claim:
     Attributes:
         id, text: the claim's name and wording.
         kind: ``"order"`` (means increase along ``cells``, each + margin <= next), ``"within"``
-            (``|mean(cells[0]) - mean(cells[1])| <= tolerance``) or ``"below"`` (``mean(cells[0]) <= threshold``).
+            (``|mean(cells[0]) - mean(cells[1])| <= tolerance``), ``"below"`` (``mean(cells[0]) <= threshold``)
+            or ``"best_of"`` (the lowest mean of ``cells[:-1]`` + margin <= ``mean(cells[-1])``: at least one of
+            the first cells does better than the last).
         cells: cell ids ``"<column>/<row>"``.
     """
 
@@ -392,9 +394,9 @@ def _check_claims(entries: Any, where: str) -> list[Claim]:
             raise ExperimentError(f"{where}: {what}: kind {kind!r}; allowed: {', '.join(CLAIM_KINDS)}")
         if not isinstance(entry.get("text"), str) or not entry["text"]:
             raise ExperimentError(f"{where}: {what}: text must be a non-empty string")
-        need = {"order": "at least 2", "within": "exactly 2", "below": "exactly 1"}[kind]
+        need = {"order": "at least 2", "within": "exactly 2", "below": "exactly 1", "best_of": "at least 2"}[kind]
         count_ok = isinstance(cells, list) and all(isinstance(c, str) for c in cells) and (
-            len(cells) >= 2 if kind == "order" else len(cells) == (2 if kind == "within" else 1))
+            len(cells) >= 2 if kind in ("order", "best_of") else len(cells) == (2 if kind == "within" else 1))
         if not count_ok:
             raise ExperimentError(f"{where}: {what}: kind {kind!r} needs {need} cell ids, got {cells!r}")
         numbers = {}
