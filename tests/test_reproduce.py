@@ -256,6 +256,53 @@ def test_kill_and_resume_gives_the_uninterrupted_table(tmp_path: Path) -> None:
     assert len(again) == 1 and "nothing to train" in again[0]  # every run finished: nothing trains
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A kill in the first epoch leaves logs but no checkpoint: the same command starts that run over (and
+    ``--print-commands`` gives it ``--overwrite``), and the table equals an uninterrupted one."""
+    path = tiny_file(tmp_path)
+    reference = reproduce(path, "quick", seeds=1, only="digits/bp", output_dir=tmp_path / "whole", report=False,
+                          verbose=False, log=quiet)
+
+    class Killed(Exception):
+        pass
+
+    def kill(info: Any) -> None:
+        if info.step == 2:  # mid-epoch 1 of 2 (4 steps each): no checkpoint yet
+            raise Killed
+
+    out = tmp_path / "killed"
+    with pytest.raises(Killed):
+        reproduce(path, "quick", seeds=1, only="digits/bp", output_dir=out, report=False, verbose=False,
+                  on_step=kill, log=quiet)
+    run = out / "quick" / "digits" / "bp" / "s0"
+    assert not (run / "checkpoint.pt").exists() and (run / "config.json").is_file()  # logs, no checkpoint
+    argv = ["reproduce", str(path), "--scale", "quick", "--only", "digits/bp", "--output-dir", str(out)]
+    assert main(argv + ["--dry-run"]) == 0
+    assert "s0: start over (stopped before its first checkpoint)" in capsys.readouterr().out
+    assert main(argv + ["--print-commands"]) == 0
+    (command,) = capsys.readouterr().out.splitlines()
+    assert command.endswith(" --overwrite")
+    lines: list[str] = []
+    again = reproduce(path, "quick", seeds=1, only="digits/bp", output_dir=out, report=False, verbose=False,
+                      log=lines.append)
+    assert "starting over (it stopped before its first checkpoint)" in lines[0]
+    assert without_timing(again) == without_timing(reference)
+
+
+def test_a_table_file_that_cannot_be_written_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tiny_file(tmp_path)
+    reproduce(path, "smoke", seeds=1, only="digits/bp", output_dir=tmp_path, report=False, verbose=False, log=quiet)
+    (tmp_path / "smoke" / "results.md").unlink()
+    (tmp_path / "smoke" / "results.md").mkdir()
+    argv = ["reproduce", str(path), "--scale", "smoke", "--output-dir", str(tmp_path), "--collect", "--no-report"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("bioprop: error: cannot write ") and "results.md is in the way" in err
+    written = json.loads((tmp_path / "smoke" / "results.json").read_text())  # whole: atomic
+    assert [c["status"] for c in written["cells"] if c["id"] == "digits/bp"] == ["done"]
+
+
 def test_print_commands_then_collect_gives_the_reproduce_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     path = tiny_file(tmp_path)
     reference = reproduce(path, "smoke", seeds=2, output_dir=tmp_path / "direct", report=False, verbose=False,

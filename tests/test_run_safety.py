@@ -318,9 +318,14 @@ def test_atomic_writes_that_fail_keep_the_previous_file_and_say_why_in_one_line(
     assert "\n" not in str(info.value) and record.read_text() == '{"old": 1}\n'
     assert (tmp_path / f"final.json.{os.getpid()}.tmp").is_dir()  # left as it was
     (tmp_path / f"final.json.{os.getpid()}.tmp").rmdir()
-    with pytest.raises(CheckpointError, match="File name too long; nothing was written"):
+    with pytest.raises(CheckpointError, match="File name too long; nothing was written there"):
         write_text_atomic(tmp_path / ("x" * 300), "text")
     assert write_text_atomic(record, '{"new": 2}\n').read_text() == '{"new": 2}\n'
+    (tmp_path / "results.md").mkdir()  # a directory on the destination itself: that is what the message names
+    with pytest.raises(CheckpointError, match=r"results.md: Is a directory \(\S*/results.md is in the way\); "
+                                              r"nothing was written there"):
+        write_text_atomic(tmp_path / "results.md", "text")
+    assert not list(tmp_path.glob("results.md.*.tmp"))  # the temporary file is gone
 
     checkpoint = tmp_path / "checkpoint.pt"
     save_checkpoint({"epoch": 1}, checkpoint)

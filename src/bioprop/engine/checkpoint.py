@@ -130,10 +130,11 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
     except OSError as err:
         if err.errno is None:
             raise
-        where = f" ({err.filename} is in the way)" if err.errno == errno.EISDIR and err.filename else ""
+        blocked = err.filename2 or err.filename  # os.replace names the destination second
+        where = f" ({blocked} is in the way)" if err.errno == errno.EISDIR and blocked else ""
         advice = "free space or pick another --output-dir" if err.errno == errno.ENOSPC else \
             "remove what is in the way or pick another --output-dir"
-        kept = "the previous file there is kept" if _is_file(path) else "nothing was written"
+        kept = "the previous file there is kept" if _is_file(path) else "nothing was written there"
         raise CheckpointError(f"cannot write {path}: {_why(err)}{where}; {kept} ({advice})") from None
     finally:
         _discard(tmp)  # after a failure only

@@ -104,6 +104,8 @@ def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> s
     """What a run would do with one (cell, seed): skip, resume, start, or refuse a stale or damaged run."""
     if state.state == "pending":
         return "start"
+    if state.state == "started":
+        return "start over (stopped before its first checkpoint)"
     try:
         differences = stale_reason(plan, cell, seed, path, state)
     except ExperimentError as err:

@@ -76,7 +76,7 @@ def build_table(plan: Plan) -> dict[str, Any]:
         runs = [] if cell.missing else [
             dict(seed=seed, run_dir=str(run_dir(plan, cell, seed).relative_to(plan.scale_dir)),
                  **_seed_result(run_dir(plan, cell, seed), exp.metric)) for seed in plan.seeds_of(cell)]
-        if missing_data and all(r["state"] == "pending" for r in runs):
+        if missing_data and all(r["state"] in ("pending", "started") for r in runs):
             runs = []  # runs made elsewhere (a cluster sharing the directory) count even where the data is absent
         errors = [r["test_error"] for r in runs if r["state"] == "done" and r.get("test_error") is not None]
         mean, std = mean_std(errors)
@@ -200,11 +200,18 @@ def render_markdown(table: dict[str, Any], reports: dict[str, str] | None = None
 
 
 def write_results(table: dict[str, Any], folder: Path, reports: dict[str, str] | None = None) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``results.md`` into ``folder``; returns both paths."""
+    """Write ``results.json`` and ``results.md`` into ``folder``, each atomically (a kill leaves the old file or
+    the new one); returns both paths.
+
+    Raises:
+        CheckpointError: a file cannot be written (one line: what is in the way, what was kept).
+    """
+    from ..engine.checkpoint import write_text_atomic
+
     make_output_dir(folder)
     json_path, md_path = folder / "results.json", folder / "results.md"
-    json_path.write_text(json.dumps(table, indent=2) + "\n")
-    md_path.write_text(render_markdown(table, reports))
+    write_text_atomic(json_path, json.dumps(table, indent=2) + "\n")
+    write_text_atomic(md_path, render_markdown(table, reports))
     return md_path, json_path
 
 

@@ -4,7 +4,10 @@ A run directory is ``<output-dir>/<scale>/<column>/<row>/s<seed>``. What it hold
 
 - ``final.json``: finished (skipped on a re-run; read by the table);
 - ``diverged.json``: the loss or the weights became NaN/inf (the message is kept; skipped on a re-run);
-- ``checkpoint.pt`` only: interrupted; the next run resumes from it, exactly as if never stopped;
+- ``checkpoint.pt`` (or only ``checkpoint.prev.pt``): interrupted; the next run resumes from it, exactly as if
+  never stopped;
+- other run files but no checkpoint: stopped in its first epoch; the next run starts it over (nothing it wrote
+  can be resumed);
 - nothing: not started.
 
 Cells run one after another in this process through :func:`bioprop.engine.train`, so a kill loses at most the
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..engine.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_from_dict
-from ..engine.rundir import PATH_MAX, check_output_dir, check_path_text, make_output_dir, path_room_left
+from ..engine.rundir import PATH_MAX, check_output_dir, check_path_text, make_output_dir, path_room_left, run_files
 from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
@@ -215,8 +218,8 @@ def data_missing(cell: Cell, data_root: str | None) -> str:
 
 @dataclass(frozen=True)
 class RunState:
-    """Where one (cell, seed) stands: ``"done"``, ``"diverged"``, ``"interrupted"`` (checkpoint, no final) or
-    ``"pending"``; ``epoch`` is the last finished epoch of an interrupted run, ``config`` the settings its
+    """Where one (cell, seed) stands: ``"done"``, ``"diverged"``, ``"interrupted"`` (checkpoint, no final),
+    ``"started"`` (run files but no checkpoint: stopped before its first one) or ``"pending"``; ``epoch`` is the last finished epoch of an interrupted run, ``config`` the settings its
     checkpoint was written with, ``unreadable`` why that checkpoint could not be read here (the run itself then
     falls back to the previous one or says so)."""
 
@@ -241,6 +244,10 @@ def run_state(path: Path) -> RunState:
                             config=config if isinstance(config, dict) else None)
         except Exception as err:  # an unreadable checkpoint still means "resume"; the engine reports the damage
             return RunState("interrupted", unreadable=" ".join(str(err).split()) or type(err).__name__)
+    if (path / "checkpoint.prev.pt").is_file():  # the engine resumes from it when checkpoint.pt is gone
+        return RunState("interrupted", unreadable="checkpoint.pt is missing")
+    if run_files(path):
+        return RunState("started")
     return RunState("pending")
 
 
@@ -295,7 +302,7 @@ def stale_reason(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState 
         ExperimentError: its ``config.json`` (or the record saying how it ended) is damaged.
     """
     state = state or run_state(path)
-    if state.state == "pending":
+    if state.state in ("pending", "started"):  # nothing to keep: the run starts (over) with the file's settings
         return ""
     current = run_config(plan, cell, seed).to_dict()
     changed = _lr_changes(path)
@@ -449,8 +456,8 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
     from ..engine.checkpoint import write_text_atomic
 
     for i, (cell, seed, state) in enumerate(work, 1):
-        config = run_config(plan, cell, seed, resume=state.state == "interrupted", verbose=verbose,
-                            progress=verbose)
+        config = run_config(plan, cell, seed, resume=state.state == "interrupted",
+                            overwrite=state.state == "started", verbose=verbose, progress=verbose)
         if main:
             shared = f" (the runs of {cell.runs_id})" if cell.same_as else ""
             log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id}{shared} seed {seed}: "
@@ -471,7 +478,10 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
 
 
 def _how_it_starts(state: RunState, path: Path) -> str:
-    """``"starting"``, ``"resuming after epoch 3"``, or what a resume with an unreadable checkpoint falls back on."""
+    """``"starting"``, ``"starting over ..."``, ``"resuming after epoch 3"``, or what a resume with an unreadable
+    checkpoint falls back on."""
+    if state.state == "started":
+        return "starting over (it stopped before its first checkpoint)"
     if state.state != "interrupted":
         return "starting"
     if not state.unreadable:
@@ -501,7 +511,8 @@ def pending_runs(plan: Plan) -> list[tuple[Cell, int, RunState]]:
 def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
     """One ``bioprop train`` command per pending (cell, seed), each with its config written beside its run.
 
-    The config goes to ``<run dir>/train.toml``; an interrupted run's command carries ``--resume``. Finished,
+    The config goes to ``<run dir>/train.toml``; an interrupted run's command carries ``--resume``, one stopped
+    before its first checkpoint ``--overwrite``. Finished,
     diverged, not implemented and data-less cells get no command. Running the commands in any order, on any
     machines sharing the output directory, then ``bioprop reproduce NAME --collect`` gives the table.
     """
@@ -518,8 +529,8 @@ def print_commands(plan: Plan, program: str = "bioprop") -> list[str]:
         toml_path.write_text(as_toml(config))
         if load_toml(toml_path) != config:  # the writer is flat; refuse a config it cannot express
             raise ExperimentError(f"cell {cell.id}: its config cannot be written as a flat TOML file")
-        resume = " --resume" if state.state == "interrupted" else ""
-        commands.append(f"{program} train --config {shlex.quote(str(toml_path))}{resume}")
+        flag = {"interrupted": " --resume", "started": " --overwrite"}.get(state.state, "")
+        commands.append(f"{program} train --config {shlex.quote(str(toml_path))}{flag}")
     return commands
 
 
