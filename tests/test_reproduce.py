@@ -7,6 +7,7 @@ import json
 import math
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -256,10 +257,18 @@ def test_kill_and_resume_gives_the_uninterrupted_table(tmp_path: Path) -> None:
     assert len(again) == 1 and "nothing to train" in again[0]  # every run finished: nothing trains
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
-    """A kill in the first epoch leaves logs but no checkpoint: the same command starts that run over (and
-    ``--print-commands`` gives it ``--overwrite``), and the table equals an uninterrupted one."""
+@pytest.mark.parametrize("kill_at, keep_only_previous, action, flag, line", [
+    (2, False, "start over (stopped before its first checkpoint)", " --overwrite",
+     "starting over (it stopped before its first checkpoint)"),
+    (6, True, "resume (checkpoint unreadable: checkpoint.pt is missing)", " --resume",
+     "resuming (its checkpoint.pt cannot be read here; the engine falls back to checkpoint.prev.pt)"),
+])
+def test_a_killed_run_with_no_checkpoint_pt_goes_on_from_what_it_left(
+        kill_at: int, keep_only_previous: bool, action: str, flag: str, line: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture) -> None:
+    """A kill in the first epoch leaves logs but no checkpoint: the same command starts that run over. A run left
+    with only ``checkpoint.prev.pt`` resumes from it. Either way ``--dry-run`` and ``--print-commands`` say so, and
+    the table equals an uninterrupted one."""
     path = tiny_file(tmp_path)
     reference = reproduce(path, "quick", seeds=1, only="digits/bp", output_dir=tmp_path / "whole", report=False,
                           verbose=False, log=quiet)
@@ -268,7 +277,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path: Path,
         pass
 
     def kill(info: Any) -> None:
-        if info.step == 2:  # mid-epoch 1 of 2 (4 steps each): no checkpoint yet
+        if info.step == kill_at:  # 2 epochs of 4 steps: step 2 is before the first checkpoint, 6 after it
             raise Killed
 
     out = tmp_path / "killed"
@@ -276,17 +285,21 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path: Path,
         reproduce(path, "quick", seeds=1, only="digits/bp", output_dir=out, report=False, verbose=False,
                   on_step=kill, log=quiet)
     run = out / "quick" / "digits" / "bp" / "s0"
-    assert not (run / "checkpoint.pt").exists() and (run / "config.json").is_file()  # logs, no checkpoint
+    assert (run / "checkpoint.pt").exists() == keep_only_previous and (run / "config.json").is_file()
+    if keep_only_previous:
+        (run / "checkpoint.pt").rename(run / "checkpoint.prev.pt")
     argv = ["reproduce", str(path), "--scale", "quick", "--only", "digits/bp", "--output-dir", str(out)]
     assert main(argv + ["--dry-run"]) == 0
-    assert "s0: start over (stopped before its first checkpoint)" in capsys.readouterr().out
+    assert f"s0: {action}" in capsys.readouterr().out
     assert main(argv + ["--print-commands"]) == 0
     (command,) = capsys.readouterr().out.splitlines()
-    assert command.endswith(" --overwrite")
+    assert command.endswith(flag)
     lines: list[str] = []
-    again = reproduce(path, "quick", seeds=1, only="digits/bp", output_dir=out, report=False, verbose=False,
-                      log=lines.append)
-    assert "starting over (it stopped before its first checkpoint)" in lines[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the engine's RunWarning about the fallback
+        again = reproduce(path, "quick", seeds=1, only="digits/bp", output_dir=out, report=False, verbose=False,
+                          log=lines.append)
+    assert line in lines[0]
     assert without_timing(again) == without_timing(reference)
 
 
