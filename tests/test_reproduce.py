@@ -421,6 +421,7 @@ def test_missing_data_is_reported_with_how_to_get_it(tmp_path: Path) -> None:
                     report=False)
     statuses = {c["id"]: (c["status"], c["reason"]) for c in table["cells"]}
     assert statuses["digits/bp"][0] == "data not present" and "train_32x32.mat" in statuses["digits/bp"][1]
+    assert statuses["digits/bp"][1].startswith(f"not found under the data root {tmp_path / 'empty'}. ")  # as given
     assert statuses["digits/future"][0] == "method not implemented"
     assert {c["id"]: c["verdict"] for c in table["claims"]} == {"fa_behind": "not testable here",
                                                                   "future_close": "not testable here"}

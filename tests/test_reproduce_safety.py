@@ -197,7 +197,8 @@ def test_a_run_that_never_evaluated_leaves_its_cell_partial(finished: tuple[Path
     table = collect(path, "smoke", only="digits/bp", output_dir=out, report=False)
     (cell,) = [c for c in table["cells"] if c["id"] == "digits/bp"]
     assert cell["status"] == "partial" and cell["mean"] is None and cell["seeds_done"] == 0
-    assert cell["reason"] == "seed 0: finished without a test value (never evaluated)"
+    assert cell["reason"] == ("seed 0: finished without a test value (never evaluated; delete its run directory "
+                              "to run it again)")
     assert cell["epochs"] is None  # a wrong-typed count is not shown (nor compared)
     claims = {c["id"]: c["verdict"] for c in table["claims"]}
     assert claims["fa_behind"] == "not testable here"
@@ -231,6 +232,10 @@ def test_a_finished_run_without_config_is_refused_in_the_same_words_by_run_and_d
     assert main(argv(path, out, "--dry-run")) == 0
     assert words in capsys.readouterr().out
     assert main(argv(path, out)) == 2
+    assert words in error_line(capsys)
+    assert main(argv(path, out, "--collect", "--seeds", "1")) == 2
+    assert words in error_line(capsys)
+    assert main(argv(path, out, "--collect")) == 2  # each cell's seeds on disk: the run still counts as one
     assert words in error_line(capsys)
 
 

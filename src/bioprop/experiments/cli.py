@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.config import TrainConfig
-from .runner import (Plan, RunState, check_output, data_missing, make_plan, print_commands, run_dir, run_state,
-                     stale_reason, steps_per_cell, table_plan, unclaimed_line)
+from .runner import (Plan, RunState, check_output, data_missing, holds_runs, make_plan, print_commands, run_dir,
+                     run_state, stale_reason, steps_per_cell, table_plan, unclaimed_line)
 from .spec import SCALES, Cell, ExperimentError, load_experiment
 
 __all__ = ["add_parser", "run_command", "describe", "list_lines"]
@@ -64,7 +64,7 @@ def run_command(args: argparse.Namespace) -> int:
             print(line)
         return 0
     if args.collect:
-        if next(plan.scale_dir.glob("*/*/s*/config.json"), None) is None:
+        if not holds_runs(plan.scale_dir):
             raise ExperimentError(f"nothing to collect: {plan.scale_dir} holds no run directory; run 'bioprop "
                                   f"reproduce {experiment.name} --scale {args.scale}' first, or pass the "
                                   "--output-dir the runs went to")

@@ -91,7 +91,8 @@ def build_table(plan: Plan) -> dict[str, Any]:
         elif states and all(s == "done" for s in states):
             unevaluated = [str(r["seed"]) for r in runs if r.get("test_error") is None]
             status, reason = ("partial", f"seed {', '.join(unevaluated)}: finished without a test value (never "
-                                         "evaluated)") if unevaluated else ("done", "")
+                                         "evaluated; delete its run directory to run it again)"
+                              ) if unevaluated else ("done", "")
         elif "done" in states:
             status, reason = "partial", f"{states.count('done')} of {len(states)} seeds finished"
             if missing_data:

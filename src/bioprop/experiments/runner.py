@@ -30,7 +30,7 @@ from ..engine.rundir import PATH_MAX, check_output_dir, check_path_text, make_ou
 from .spec import Cell, Experiment, ExperimentError
 
 __all__ = ["Plan", "RunState", "make_plan", "run_dir", "run_config", "run_state", "data_missing", "steps_per_cell",
-           "execute", "print_commands", "read_record", "stale_reason", "check_finished", "check_output",
+           "execute", "print_commands", "holds_runs", "read_record", "stale_reason", "check_finished", "check_output",
            "finished_value", "table_plan", "unclaimed_runs", "unclaimed_line", "TRAIN_SIZES", "MAX_SEEDS",
            "NOT_RESULT_KEYS"]
 
@@ -155,17 +155,24 @@ def table_plan(plan: Plan, *, seeds_on_disk: bool = False) -> Plan:
 
 
 def _seeds_on_disk(folder: Path) -> list[int]:
-    """The seeds of the run directories ``folder/s<seed>`` that hold a ``config.json``, sorted (none when
-    ``folder`` is absent)."""
+    """The seeds of the run directories ``folder/s<seed>`` that hold any run file (:data:`RUN_FILES`, e.g. a
+    ``config.json``), sorted (none when ``folder`` is absent). A finished run that lost its ``config.json`` still
+    counts, so the table refuses it with a reason instead of leaving it out."""
     if not folder.is_dir():
         return []
     return sorted(int(d.name[1:]) for d in folder.glob("s*") if d.name[1:].isascii() and d.name[1:].isdigit()
-                  and (d / "config.json").exists())
+                  and run_files(d))
+
+
+def holds_runs(scale_dir: Path) -> bool:
+    """Whether any ``<column>/<row>`` folder under ``scale_dir`` holds a run directory (as :func:`table_plan`
+    counts them)."""
+    return any(_seeds_on_disk(folder) for folder in scale_dir.glob("*/*"))
 
 
 def unclaimed_runs(plan: Plan) -> dict[str, int]:
     """The ``"<column>/<row>"`` folders under :attr:`Plan.scale_dir` that hold run directories (as
-    :func:`table_plan` counts them: ``s<seed>/config.json``) but are the runs of no cell of the experiment at this
+    :func:`table_plan` counts them: ``s<seed>`` holding a run file) but are the runs of no cell of the experiment at this
     scale, with how many runs each holds: a row renamed, removed or made ``same_as`` another since they ran. The
     table ignores them; callers say so."""
     if not plan.scale_dir.is_dir():
@@ -206,22 +213,26 @@ def run_config(plan: Plan, cell: Cell, seed: int, **extra: Any) -> TrainConfig:
 
 
 def data_missing(cell: Cell, data_root: str | None) -> str:
-    """``""`` when the cell's data set is present, else how to get it (the data package's own message)."""
+    """``""`` when the cell's data set is present, else how to get it (the data package's own message), after the
+    data root searched where ``data_root`` (``--data-root``) names one."""
     from ..data import default_root, get_source
     name, root = cell.values.get("dataset", TrainConfig.dataset), data_root or cell.values.get("data_root") or None
     if cell.values.get("task", TrainConfig.task) == "detection":
         from ..detection.coco import how_to_get_if_missing
-        return how_to_get_if_missing(name, root)
-    source = get_source(name)
-    return "" if source.locate(default_root(root)) is not None else source.how_to_get
+        missing = how_to_get_if_missing(name, root)
+    else:
+        source = get_source(name)
+        missing = "" if source.locate(default_root(root)) is not None else source.how_to_get
+    return f"not found under the data root {data_root}. {missing}" if missing and data_root else missing
 
 
 @dataclass(frozen=True)
 class RunState:
     """Where one (cell, seed) stands: ``"done"``, ``"diverged"``, ``"interrupted"`` (checkpoint, no final),
-    ``"started"`` (run files but no checkpoint: stopped before its first one) or ``"pending"``; ``epoch`` is the last finished epoch of an interrupted run, ``config`` the settings its
-    checkpoint was written with, ``unreadable`` why that checkpoint could not be read here (the run itself then
-    falls back to the previous one or says so)."""
+    ``"started"`` (run files but no checkpoint: stopped before its first one) or ``"pending"``; ``epoch`` is the
+    last finished epoch of an interrupted run, ``config`` the settings its checkpoint was written with,
+    ``unreadable`` why that checkpoint could not be read here (the run itself then falls back to the previous one
+    or says so)."""
 
     state: str
     epoch: int = 0
