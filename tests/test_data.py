@@ -514,6 +514,8 @@ def test_digits_is_the_documented_fixed_split() -> None:
     order = np.random.RandomState(0).permutation(1797)
     train, test = load_dataset("digits"), load_dataset("digits", "test")
     assert len(train) == 1438 and len(test) == 359 and train.images.shape == (1438, 1, 8, 8)
+    from bioprop.data.digits import DIGITS_TRAIN_SIZE
+    assert DIGITS_TRAIN_SIZE == len(train)  # the size the cost estimates use without loading the set
     np.testing.assert_array_equal(train.images[:, 0].numpy(),
                                   np.rint(bunch.images[order[:1438]] * 255 / 16).astype(np.uint8))
     np.testing.assert_array_equal(test.labels.numpy(), bunch.target[order[1438:]])

@@ -347,7 +347,7 @@ def test_report_list_and_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert main(argv + ["--list"]) == 0
     listing = capsys.readouterr().out
     assert "digits/future" in listing and "method not implemented: rule 'not_registered_yet'" in listing
-    assert 'rule="fa"' in listing and "steps/seed ?" in listing  # digits has no tabulated size
+    assert 'rule="fa"' in listing and "steps/seed 2 " in listing  # 1 epoch, max_steps 2
     assert main(argv + ["--only", "digits/*", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "3 done" not in out and "2 done" in out and "1 method not implemented" in out
@@ -704,7 +704,7 @@ def test_a_row_same_as_another_shows_that_rows_runs_and_trains_nothing(tmp_path:
     assert dry.count("shared with digits/fa -> ") == 2
     assert "\n0 steps left to run" in dry
     import bioprop.experiments.cli as experiments_cli
-    monkeypatch.setattr(experiments_cli, "steps_per_cell", lambda cell: 5)  # the digits have no tabulated size
+    monkeypatch.setattr(experiments_cli, "steps_per_cell", lambda cell: 5)  # a round count per run
     assert main(argv + ["--only", "digits/fa*", "--list"]) == 0
     assert "\n10 steps in all" in capsys.readouterr().out  # 5 steps x 2 seeds of one run directory, counted once
 

@@ -16,9 +16,12 @@ import torch
 
 from .base import ArrayDataset, DataSource
 
-__all__ = ["DigitsSource", "DIGITS_TEST_FRACTION"]
+__all__ = ["DigitsSource", "DIGITS_TEST_FRACTION", "DIGITS_TRAIN_SIZE"]
 
 DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SIZE = 1797
+#: the training images of the fixed split (1438), known without loading the set
+DIGITS_TRAIN_SIZE = _DIGITS_SIZE - int(round(DIGITS_TEST_FRACTION * _DIGITS_SIZE))
 _SPLIT_SEED = 0
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..data.digits import DIGITS_TRAIN_SIZE
 from ..engine.config import RESUMABLE_CHANGES, ConfigError, TrainConfig, config_from_dict
 from ..engine.rundir import PATH_MAX, check_output_dir, check_path_text, make_output_dir, path_room_left, run_files
 from .spec import Cell, Experiment, ExperimentError
@@ -41,9 +42,9 @@ MAX_SEEDS = 100
 #: came from, what it printed and how fast it ran, not what it trained or how often it was evaluated
 NOT_RESULT_KEYS = (RESUMABLE_CHANGES - {"epochs", "eval_every"}) | {"compile", "channels_last"}
 
-#: official training-set sizes, for the cost estimate without reading the data
+#: official training-set sizes (the digits: its fixed split), for the cost estimate without reading the data
 TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257,
-               "imagenet": 1281167}
+               "imagenet": 1281167, "digits": DIGITS_TRAIN_SIZE}
 
 
 @dataclass
