@@ -122,6 +122,10 @@ def test_report_notes_missing_data_instead_of_failing(tmp_path: Path) -> None:
         write_report([tmp_path / "out"], tmp_path / "out2")
     with pytest.raises(ValueError, match="at least one run"):
         write_report([], tmp_path / "out")
+    (tmp_path / "a_file").write_text("")
+    from bioprop.engine.config import ConfigError
+    with pytest.raises(ConfigError, match=r"a_file, which is a file; allowed: a path whose parents are directories"):
+        write_report([bare], tmp_path / "a_file" / "report")
 
 
 def test_steps_map_to_fractional_epochs(tmp_path: Path) -> None:

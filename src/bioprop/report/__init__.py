@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..engine.rundir import check_output_dir, make_output_dir
 from .figures import learning_curves, lillicrap, per_layer, pyplot, results_table, weight_magnitudes
 from .runs import RunData, label_runs, load_run
 from .tsne import TsneFeatures, hidden_features, train_tsne_features, tsne_figure
@@ -93,13 +94,15 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, *,
     Raises:
         ValueError: if no run directory is given, or one does not exist or is not a run directory, or ``labels``
             does not give one label per run.
+        ConfigError: ``out_dir`` cannot be a directory here (a file in the way, no permission).
     """
     runs = [load_run(path) for path in run_dirs]
     if not runs:
         raise ValueError("write_report needs at least one run directory")
     label_runs(runs, labels)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out)  # one line naming what is in the way, not an OSError
+    make_output_dir(out)
     plt = pyplot()
     palette = plt.get_cmap("tab10")
     colors = {run.label: palette(i % 10) for i, run in enumerate(runs)}
