@@ -325,6 +325,7 @@ def _path_of_bytes(base: Path, size: int) -> str:
     (["--only", "wide/bp,x"], "--only: 'wide/bp', 'x' match no cell of tiny; allowed:"),
     (["--seeds", "0"], "--seeds must be an integer from 1 to 100, got 0"),
     (["--seeds", "100000"], "--seeds must be an integer from 1 to 100, got 100000"),
+    (["--seeds", "abc"], "argument --seeds: 'abc' is not a whole number; allowed: 1..100"),
     (["--output-dir", ""], "--output-dir is empty; allowed: a directory path"),
     (["--output-dir", "a\nb", "--print-commands"], "--output-dir 'a\\nb' holds a control character"),
     (["--output-dir", "a\u2028b", "--dry-run"], "holds a control character or line separator"),
@@ -363,6 +364,9 @@ def test_an_experiment_path_that_is_a_directory_or_not_utf8_is_refused(tmp_path:
                                                                        capsys: pytest.CaptureFixture) -> None:
     assert main(["reproduce", f"{tmp_path}/", "--list"]) == 2
     assert f"{tmp_path} is a directory; allowed: an experiment name (akrout2019, " in error_line(capsys)
+    assert main(["reproduce", str(tmp_path / "nope.toml"), "--list"]) == 2
+    assert (f"experiment file not found: {tmp_path / 'nope.toml'}; allowed: an experiment name (akrout2019, "
+            in error_line(capsys))
     (tmp_path / "latin.toml").write_bytes(TINY.replace("8x8", "8\xd78").encode("latin-1"))
     assert main(["reproduce", str(tmp_path / "latin.toml"), "--list"]) == 2
     assert "latin.toml: not UTF-8 text (byte " in error_line(capsys)

@@ -7,11 +7,19 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.config import TrainConfig
-from .runner import (Plan, RunState, check_output, data_missing, holds_runs, make_plan, print_commands, run_dir,
-                     run_state, stale_reason, steps_per_cell, table_plan, unclaimed_line)
+from .runner import (MAX_SEEDS, Plan, RunState, check_output, data_missing, holds_runs, make_plan, print_commands,
+                     run_dir, run_state, stale_reason, steps_per_cell, table_plan, unclaimed_line)
 from .spec import SCALES, Cell, ExperimentError, load_experiment
 
 __all__ = ["add_parser", "run_command", "describe", "list_lines"]
+
+
+def _seed_count(text: str) -> int:
+    """``--seeds``: a whole number (its range is checked with the plan)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; allowed: 1..{MAX_SEEDS}") from None
 
 
 def add_parser(sub: Any) -> None:
@@ -24,7 +32,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--scale", choices=SCALES, default="quick",
                    help="quick (fewer epochs, sized for a CPU), full (the paper's schedule) or smoke (a few "
                         "steps); default quick")
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--seeds", type=_seed_count, default=None,
                    help="seeds per cell, 0..N-1; default 1 (with --collect: each cell's seeds on disk)")
     p.add_argument("--only", metavar="PATTERN", default=None,
                    help="comma-separated patterns on cell ids COLUMN/ROW, e.g. 'mnist/*' or '*/bp,*/fa'")

@@ -188,7 +188,8 @@ def experiment_path(name: str | Path) -> Path:
             raise ExperimentError(f"{path} is a directory; allowed: an experiment name ({', '.join(list_experiments())}) "
                                   "or a path to a .toml file")
         if not path.is_file():
-            raise ExperimentError(f"experiment file not found: {path}")
+            raise ExperimentError(f"experiment file not found: {path}; allowed: an experiment name "
+                                  f"({', '.join(list_experiments())}) or the path of an existing .toml file")
         return path
     path = _package_dir() / f"{text}.toml"
     if not path.is_file():
