@@ -4,6 +4,8 @@ finished run made with other settings never enters a table as the cell's run."""
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -237,6 +239,31 @@ def test_a_finished_run_without_config_is_refused_in_the_same_words_by_run_and_d
     assert words in error_line(capsys)
     assert main(argv(path, out, "--collect")) == 2  # each cell's seeds on disk: the run still counts as one
     assert words in error_line(capsys)
+
+
+@pytest.mark.parametrize("keep_previous", [False, True])
+def test_an_interrupted_run_whose_checkpoints_cannot_be_read_says_to_delete_it(
+        finished: tuple[Path, Path], keep_previous: bool, capsys: pytest.CaptureFixture) -> None:
+    """A damaged checkpoint.pt with a good checkpoint.prev.pt resumes from that one (the engine falls back); with
+    neither readable, the run is refused in one line that names the way on (delete the run directory)."""
+    path, out = finished
+    run = out / "smoke" / "digits" / "bp" / "s0"
+    (run / "final.json").unlink()
+    checkpoint = run / "checkpoint.pt"
+    if keep_previous:
+        shutil.copyfile(checkpoint, run / "checkpoint.prev.pt")
+    else:
+        (run / "checkpoint.prev.pt").unlink(missing_ok=True)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # a truncated file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the engine's note about the fallback
+        code = main(argv(path, out))
+    if keep_previous:
+        assert code == 0 and (run / "final.json").is_file()
+    else:
+        assert code == 2
+        line = error_line(capsys)
+        assert "cannot read checkpoint" in line and line.endswith(f"delete {run} to run it again from the start")
 
 
 @pytest.mark.parametrize("key, value, refused", [

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shlex
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -470,6 +471,8 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
     for i, (cell, seed, state) in enumerate(work, 1):
         config = run_config(plan, cell, seed, resume=state.state == "interrupted",
                             overwrite=state.state == "started", verbose=verbose, progress=verbose)
+        if state.unreadable:
+            _check_resumable(cell, seed, Path(config.output_dir))
         if main:
             shared = f" (the runs of {cell.runs_id})" if cell.same_as else ""
             log(f"[{i}/{len(work)}] {plan.experiment.name} {cell.id}{shared} seed {seed}: "
@@ -487,6 +490,20 @@ def _train_each(plan: Plan, work: list[tuple[Cell, int, RunState]], main: bool, 
                 log(f"  {cell.id} seed {seed}: {message}")
         except ConfigError as err:  # e.g. resuming a checkpoint written with other settings
             raise ExperimentError(f"cell {cell.id} seed {seed}: {err.reason}") from None
+
+
+def _check_resumable(cell: Cell, seed: int, path: Path) -> None:
+    """Refuse, with the way on, an interrupted run whose ``checkpoint.pt`` cannot be read and that has no usable
+    ``checkpoint.prev.pt`` either (``bioprop reproduce`` has no ``--overwrite``: deleting the run is the way)."""
+    from ..engine.checkpoint import CheckpointError, load_run_checkpoint
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a fallback to checkpoint.prev.pt is the engine's to report
+            load_run_checkpoint(path)
+    except CheckpointError as err:
+        raise ExperimentError(f"cell {cell.id} seed {seed}: {' '.join(str(err).split())}; delete {path} to run "
+                              "it again from the start") from None
 
 
 def _how_it_starts(state: RunState, path: Path) -> str:
