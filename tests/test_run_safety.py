@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -241,9 +242,16 @@ def test_a_lock_of_a_live_process_refuses_and_a_stale_one_is_taken_over(tmp_path
     finally:
         live.kill()
         live.wait()
-    with pytest.warns(RunWarning, match=rf"removing the stale lock .*run.lock \(its process {live.pid} is gone\)"):
+    (out / "run.lock").write_text(f"{live.pid} another-host\n")  # a cluster sharing the directory: not checkable
+    with pytest.raises(ConfigError, match=rf"in use by a bioprop process on host another-host \(pid {live.pid}, "
+                                          r"lock .*run.lock\); wait for it to end, delete the lock if that process"):
         train(small(tmp_path, epochs=1))
+    (out / "run.lock").write_text(f"{live.pid}\n")  # a lock naming no host is this host's
+    held: list[str] = []
+    with pytest.warns(RunWarning, match=rf"removing the stale lock .*run.lock \(its process {live.pid} is gone\)"):
+        train(small(tmp_path, epochs=1), on_step=lambda info: held.append((out / "run.lock").read_text()))
     assert not (out / "run.lock").exists() and (out / "final.json").is_file()
+    assert held[0] == f"{os.getpid()} {socket.gethostname()}\n"  # while it trains: its pid and host
 
 
 # ------------------------------------------------------------------------------------------- resume rough edges

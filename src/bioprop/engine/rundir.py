@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -187,7 +189,10 @@ def divergence_advice(out: Path, lr: float, epoch: int, good: Path | None, resum
 
 
 class RunLock:
-    """An exclusive ``run.lock`` in a run directory, holding this process's id.
+    """An exclusive ``run.lock`` in a run directory, holding this process's id and host name (``"<pid> <host>"``).
+
+    A lock of this host whose process is gone is stale and taken over; one of another host (a cluster sharing the
+    directory) cannot be checked from here, so it is always respected, with the way on if its process is gone.
 
     Args:
         out: the run directory (it must exist).
@@ -205,7 +210,12 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                pid = _lock_pid(self.path)
+                pid, host = _lock_owner(self.path)
+                if pid is not None and host not in ("", _HOST):
+                    raise ConfigError("output_dir", f"{self.path.parent} is in use by a bioprop process on host "
+                                                    f"{host} (pid {pid}, lock {self.path}); wait for it to end, "
+                                                    "delete the lock if that process is gone, or pick another "
+                                                    "--output-dir") from None
                 if pid is not None and _alive(pid):
                     raise ConfigError("output_dir", f"{self.path.parent} is in use by another bioprop process (pid "
                                                     f"{pid}, lock {self.path}); wait for it to end, or pick another "
@@ -217,7 +227,7 @@ class RunLock:
             except OSError as err:
                 raise ConfigError("output_dir", f"cannot create the lock {self.path}: {err.strerror or err}") from None
             with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()}\n")
+                fh.write(f"{os.getpid()} {_HOST}\n")
             self.held = True
             return self
         raise ConfigError("output_dir", f"cannot take the lock {self.path}: another process keeps creating it")
@@ -228,11 +238,26 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
 
-def _lock_pid(path: Path) -> int | None:
+#: this machine's name, as locks record it (no spaces: the lock is "<pid> <host>")
+_HOST = "".join(socket.gethostname().split()) or "localhost"
+
+
+def _lock_owner(path: Path, wait_s: float = 0.5) -> tuple[int | None, str]:
+    """``(pid, host)`` of a lock (host ``""`` for a lock that names none); ``(None, "")`` for one that is gone or
+    unreadable, which counts as stale. An empty lock is given ``wait_s`` for its creator to write it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            words = path.read_text().split()
+        except (OSError, UnicodeDecodeError):
+            return None, ""
+        if words or time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)  # created (O_EXCL) but not yet written
     try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None  # unreadable or half-written: treated as stale
+        return int(words[0]), (words[1] if len(words) > 1 else "")
+    except (IndexError, ValueError):
+        return None, ""
 
 
 def _alive(pid: int) -> bool:
