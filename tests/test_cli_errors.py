@@ -207,3 +207,16 @@ def test_a_config_error_only_rank_0_sees_stops_every_rank_with_the_same_line(tmp
     assert lines[0] == lines[1]
     assert lines[0].startswith(f"ConfigError: {out} already holds a run (checkpoint.pt)")
     assert (out / "checkpoint.pt").read_bytes() == b"a run's"
+
+
+def test_report_refuses_a_run_given_twice(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert run(tmp_path) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), f"{out}/", "--output-dir", str(tmp_path / "rep")]) == 2
+    assert error_line(capsys) == f"bioprop: error: RUN_DIR {out} is given twice; allowed: each run directory once"
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    assert main(["report", str(out), str(link), "--output-dir", str(tmp_path / "rep")]) == 2
+    assert f"RUN_DIR {link} is given twice (also as {out})" in error_line(capsys)
+    assert not (tmp_path / "rep").exists()  # refused before anything is written

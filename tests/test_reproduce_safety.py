@@ -241,6 +241,19 @@ def test_a_finished_run_without_config_is_refused_in_the_same_words_by_run_and_d
     assert words in error_line(capsys)
 
 
+def test_a_run_directory_that_is_a_file_is_refused_by_dry_run_as_by_the_run(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    path, out = tiny_file(tmp_path), tmp_path / "out"
+    run = out / "smoke" / "digits" / "bp" / "s0"
+    run.parent.mkdir(parents=True)
+    run.write_text("")
+    words = f"output_dir {run} is a file; allowed: a directory"
+    assert main(argv(path, out, "--dry-run")) == 0
+    assert f"s0: refuse ({words}" in capsys.readouterr().out
+    assert main(argv(path, out)) == 2
+    assert words in error_line(capsys)
+
+
 @pytest.mark.parametrize("keep_previous", [False, True])
 def test_an_interrupted_run_whose_checkpoints_cannot_be_read_says_to_delete_it(
         finished: tuple[Path, Path], keep_previous: bool, capsys: pytest.CaptureFixture) -> None:

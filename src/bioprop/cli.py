@@ -289,6 +289,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     missing = [str(p) for p in run_dirs if not (p / "metrics.jsonl").is_file()]
     if missing:
         _fail(f"RUN_DIR: not a run directory (no metrics.jsonl): {', '.join(missing)}", code=2)
+    seen: dict[Path, Path] = {}
+    for run_dir in run_dirs:
+        first = seen.setdefault(run_dir.resolve(), run_dir)
+        if first is not run_dir:
+            also = f" (also as {first})" if str(first) != str(run_dir) else ""
+            _fail(f"RUN_DIR {run_dir} is given twice{also}; allowed: each run directory once", code=2)
     if not args.output_dir.strip():
         _fail("--output-dir is empty; allowed: a directory path (default results/report)", code=2)
     from .engine.rundir import check_output_dir, check_path_text, make_output_dir

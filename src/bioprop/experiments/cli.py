@@ -109,7 +109,14 @@ def list_lines() -> list[str]:
 
 
 def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> str:
-    """What a run would do with one (cell, seed): skip, resume, start, or refuse a stale or damaged run."""
+    """What a run would do with one (cell, seed): skip, resume, start, or refuse a stale or damaged run, or a run
+    directory that cannot be one (the engine's own check, in its words)."""
+    from ..engine.config import ConfigError
+    from ..engine.rundir import check_output_dir
+    try:
+        check_output_dir(path)
+    except ConfigError as err:
+        return f"refuse ({err.reason})"
     if state.state == "pending":
         return "start"
     if state.state == "started":
