@@ -114,7 +114,7 @@ def _action(plan: Plan, cell: Cell, seed: int, path: Path, state: RunState) -> s
     from ..engine.config import ConfigError
     from ..engine.rundir import check_output_dir
     try:
-        check_output_dir(path)
+        check_output_dir(path, writable=False)  # a file in the way, not permissions: --dry-run only reads
     except ConfigError as err:
         return f"refuse ({err.reason})"
     if state.state == "pending":
