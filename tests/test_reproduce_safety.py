@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bioprop.cli import main
+from bioprop.engine.checkpoint import RunWarning
 from bioprop.experiments import ExperimentError, collect, load_experiment, reproduce
 from test_reproduce import TINY, quiet, tiny_file
 
@@ -254,6 +255,17 @@ def test_a_run_directory_that_is_a_file_is_refused_by_dry_run_as_by_the_run(tmp_
     assert words in error_line(capsys)
 
 
+def test_a_damaged_log_of_a_finished_run_is_warned_about_when_its_report_is_drawn(
+        finished: tuple[Path, Path]) -> None:
+    path, out = finished
+    run = out / "smoke" / "digits" / "bp" / "s0"
+    with (run / "metrics.jsonl").open("a") as fh:
+        fh.write('{"kind": "epoch", "ep')  # a line cut short
+    with pytest.warns(RunWarning, match=rf"^{run}: 1 unreadable line\(s\) in metrics.jsonl were skipped; its "
+                                        "figures may miss records$"):
+        collect(path, "smoke", only="digits/bp", output_dir=out, report=True)
+
+
 @pytest.mark.parametrize("keep_previous", [False, True])
 def test_an_interrupted_run_whose_checkpoints_cannot_be_read_says_to_delete_it(
         finished: tuple[Path, Path], keep_previous: bool, capsys: pytest.CaptureFixture) -> None:
@@ -432,13 +444,12 @@ def test_report_refuses_bad_arguments_in_one_line(finished: tuple[Path, Path], e
     assert message.format(**fill) in error_line(capsys)
 
 
-def test_report_warns_on_a_damaged_record(finished: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+def test_report_warns_on_a_damaged_record(finished: tuple[Path, Path]) -> None:
     path, out = finished
     run = out / "smoke" / "digits" / "bp" / "s0"
     (run / "final.json").write_text("[]")
-    assert main(["report", str(run), "--output-dir", str(path.parent / "report")]) == 0
-    err = capsys.readouterr().err
-    assert f"warning: {run}: final.json does not hold a JSON object" in err
+    with pytest.warns(RunWarning, match=rf"^{run}: final.json does not hold a JSON object; its figures may miss"):
+        assert main(["report", str(run), "--output-dir", str(path.parent / "report")]) == 0
     assert (path.parent / "report" / "report.html").is_file()
 
 

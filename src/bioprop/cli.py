@@ -308,11 +308,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
         if args.tsne_dataset not in list_datasets():
             _fail(f"--tsne-dataset {args.tsne_dataset!r} is not a data set; allowed: {', '.join(list_datasets())}",
                   code=2)
-    from .report.runs import load_run
-    for run_dir in run_dirs:  # the report notes them too; say so here, where the user is looking
-        for note in load_run(run_dir).notes:
-            if "unreadable" in note or "not valid JSON" in note or "JSON object" in note:
-                print(f"{PROG}: warning: {run_dir}: {note}; its figures may miss records", file=sys.stderr)
     make_output_dir(out)
     path = write_report(run_dirs, out, tsne=args.tsne, tsne_dataset=args.tsne_dataset or "digits")
     print(f"report: {path}")

@@ -22,9 +22,11 @@ import base64
 import html
 import io
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ..engine.checkpoint import RunWarning
 from ..engine.rundir import check_output_dir, make_output_dir
 from .figures import learning_curves, lillicrap, per_layer, pyplot, results_table, weight_magnitudes
 from .runs import RunData, label_runs, load_run
@@ -100,6 +102,9 @@ def write_report(run_dirs: Iterable[str | Path], out_dir: str | Path, *,
     if not runs:
         raise ValueError("write_report needs at least one run directory")
     label_runs(runs, labels)
+    for run in runs:  # the page notes them too; a warning reaches the user of any caller, reproduce included
+        for note in run.damage():
+            warnings.warn(f"{run.path}: {note}; its figures may miss records", RunWarning, stacklevel=2)
     out = Path(out_dir)
     check_output_dir(out)  # one line naming what is in the way, not an OSError
     make_output_dir(out)

@@ -38,6 +38,11 @@ class RunData:
         """A setting from ``final.json``, else ``config.json``."""
         return self.final.get(key, self.config.get(key, default))
 
+    def damage(self) -> list[str]:
+        """The notes that say the run's files are damaged, not merely unfinished (a live run has no final.json
+        yet)."""
+        return [note for note in self.notes if note != "final.json is missing"]
+
     def kind(self, kind: str) -> list[dict[str, Any]]:
         return self.records.get(kind, [])
 
